@@ -1,0 +1,90 @@
+"""Scoring throughput of the OpenAI-compatible teacher vs. concurrency; prints a markdown snippet.
+
+    python benchmarks/teacher_throughput.py [--rows 32] [--latency-ms 50] [--repeats 5] [--k 8]
+
+Each run scores ``--rows`` rows (one ``/v1/completions`` request per row, vLLM dialect, top-k log-probs)
+against the loopback server of ``tests/servers`` with ``--latency-ms`` of injected latency per request,
+with the cache off so every row is a real request. Reported per concurrency 1, 2, 4, 8: median rows/s over
+``--repeats`` (min-max), and the ratio to the ideal ``concurrency x (single-request rate)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from servers import LoopbackServer, TinyLM  # noqa: E402
+
+from trl_opsd.teachers import OpenAICompatTeacher  # noqa: E402
+
+CONCURRENCY = (1, 2, 4, 8)
+
+
+def rows(lm: TinyLM, n: int) -> tuple[list[list[int]], list[list[int]]]:
+    """``n`` distinct rows (identical rows would be sent once and inflate the rate)."""
+    tok = lm.tokenizer
+    digits = [" ".join(str(i)) for i in range(n)]
+    prompts = [tok(f"step {d} : tom has {d} apples and buys 3 more . what is the total ?")["input_ids"] for d in digits]
+    completions = [tok(f"so {d} + 3 = the total and the answer is {d}", add_special_tokens=False)["input_ids"]
+                   for d in digits]
+    return prompts, completions
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=32)
+    parser.add_argument("--latency-ms", type=float, default=50.0)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--k", type=int, default=8)
+    args = parser.parse_args()
+
+    lm = TinyLM()
+    prompts, completions = rows(lm, args.rows)
+    assert len({tuple(p + c) for p, c in zip(prompts, completions)}) == args.rows
+    results: dict[int, list[float]] = {c: [] for c in CONCURRENCY}
+    load_before = os.getloadavg()[0]
+    with LoopbackServer(lm, latency_s=args.latency_ms / 1000) as server:
+        teachers = {
+            c: OpenAICompatTeacher(server.url + "/v1", server.model_name, student_tokenizer=lm.tokenizer,
+                                   max_concurrency=c, check_tokenizer=False, cache=None)
+            for c in CONCURRENCY
+        }
+        for c, teacher in teachers.items():  # warm-up: thread pool and connections
+            teacher.score_topk(prompts[:c], completions[:c], args.k)
+        # Levels interleaved within each repeat, so a load change on a shared machine hits all of them alike.
+        for _ in range(args.repeats):
+            for c, teacher in teachers.items():
+                start = time.perf_counter()
+                teacher.score_topk(prompts, completions, args.k)
+                results[c].append(args.rows / (time.perf_counter() - start))
+        for teacher in teachers.values():
+            assert teacher.metrics()["failures"] == 0
+            teacher.close()
+    load_after = os.getloadavg()[0]
+
+    base = statistics.median(results[1])
+    print(f"### Teacher scoring throughput (loopback vLLM server, {args.latency_ms:g} ms injected latency)\n")
+    print(f"`python benchmarks/teacher_throughput.py --rows {args.rows} --latency-ms {args.latency_ms:g} "
+          f"--repeats {args.repeats} --k {args.k}` on {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs, Python {platform.python_version()}; {args.rows} rows of "
+          f"{len(prompts[0])}+{len(completions[0])} tokens, one request per row, top-{args.k}, cache off; "
+          f"load average {load_before:.1f} -> {load_after:.1f}.\n")
+    print("| concurrency | rows/s (median) | min-max | ratio to ideal |")
+    print("|---:|---:|---:|---:|")
+    for concurrency, rates in results.items():
+        median = statistics.median(rates)
+        ratio = median / (concurrency * base)
+        print(f"| {concurrency} | {median:.1f} | {min(rates):.1f}-{max(rates):.1f} | {ratio:.2f} |")
+    speedup = statistics.median(results[CONCURRENCY[-1]]) / base
+    print(f"\nConcurrency {CONCURRENCY[-1]} vs 1: {speedup:.2f}x.")
+
+
+if __name__ == "__main__":
+    main()

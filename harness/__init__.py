@@ -1,0 +1,1 @@
+"""harness: evaluation, statistics and data generation for trl_opsd runs."""

@@ -1,0 +1,215 @@
+"""Hooks of the ``opsd_*`` lm-eval tasks: their data, their scoring, and the task class that logs token counts.
+
+Every document, whatever its source, has the same fields: ``question``, ``solution`` (the gold worked
+solution), ``answer`` (the gold final number, normalised) and ``difficulty`` (reasoning steps in the gold
+solution, see :func:`solution_steps`). Scoring uses the project's verifier, so lm-eval reports the same
+correctness that training and ``trl-opsd compare`` use.
+
+Data:
+
+- ``opsd_arith``: the arithmetic world's test split, shipped as ``data/arith_test.jsonl`` (the first
+  :data:`ARITH_NUM_PROBLEMS` problems of ``generate_problems(split="test", seed=ARITH_SEED)``; a test keeps
+  the file equal to the generator's output).
+- ``opsd_gsm8k*``: a local file named with ``--metadata data_file=/abs/path.jsonl`` (GSM8K's own
+  ``question``/``answer`` rows, JSONL or parquet), else ``openai/gsm8k`` (config ``main``, split ``test``)
+  from the hub. lm-eval 0.4.13 calls a task's ``custom_dataset`` with the run's metadata merged with the
+  model arguments (``TaskConfig.custom_dataset(**metadata, **dataset_kwargs)``), so the loaders take
+  ``**_run_metadata`` and read only their own key. A relative ``data_file`` is refused: it would resolve
+  against whatever directory lm-eval happens to be launched from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+from datasets import Dataset, DatasetDict
+from lm_eval.api.task import ConfigurableTask
+
+from harness.arithmetic import generate_problems
+from harness.verifiers import is_correct, normalize_number
+
+logger = logging.getLogger(__name__)
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+ARITH_DATA = DATA_DIR / "arith_test.jsonl"
+ARITH_NUM_PROBLEMS = 500
+ARITH_SEED = 0
+GSM8K_HUB = ("openai/gsm8k", "main", "test")
+TOKENS_FIELD = "num_output_tokens"  # read by harness.compare
+DOC_FIELDS = ("question", "solution", "answer", "difficulty")
+
+_CALCULATOR = re.compile(r"<<[^<>]*>>")
+_FINAL_LINE = re.compile(r"^\s*####\s*(.+?)\s*$", re.MULTILINE)
+
+
+# --------------------------------------------------------------------------------------------
+# documents
+# --------------------------------------------------------------------------------------------
+
+
+def solution_steps(solution: str) -> int:
+    """Reasoning steps of a GSM8K-style solution: its ``<<a*b=c>>`` calculator annotations when it has
+    any, otherwise its non-empty lines before the ``#### N`` line (the arithmetic world writes one
+    equation per line and no annotations)."""
+    annotations = len(_CALCULATOR.findall(solution))
+    if annotations:
+        return annotations
+    reasoning = solution.split("####", 1)[0]
+    return sum(1 for line in reasoning.splitlines() if line.strip())
+
+
+def arith_rows() -> list[dict]:
+    """The rows of ``data/arith_test.jsonl``, recomputed from the generator."""
+    problems = generate_problems(ARITH_NUM_PROBLEMS, split="test", seed=ARITH_SEED)
+    return [
+        {"id": p.uid, "question": p.question, "solution": p.solution, "answer": p.answer, "difficulty": p.difficulty}
+        for p in problems
+    ]
+
+
+def arith_jsonl() -> str:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in arith_rows())
+
+
+def write_arith_data(path: Path = ARITH_DATA) -> None:
+    """Regenerate the bundled file (after a deliberate change to the arithmetic world)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(arith_jsonl(), encoding="utf-8")
+
+
+def load_arith(**_run_metadata) -> DatasetDict:
+    """``custom_dataset`` of ``opsd_arith``: the bundled test problems (no metadata is read)."""
+    rows = [json.loads(line) for line in ARITH_DATA.read_text(encoding="utf-8").splitlines()]
+    return DatasetDict({"test": Dataset.from_list(rows)})
+
+
+def gsm8k_doc(row: dict, where: str) -> dict:
+    """One GSM8K row (``question``, ``answer`` = worked solution ending in ``#### N``) as a task document."""
+    for field in ("question", "answer"):
+        if not isinstance(row.get(field), str) or not row[field].strip():
+            raise ValueError(f"{where}: field {field!r} is missing or not a non-empty string")
+    final = _FINAL_LINE.findall(row["answer"])
+    answer = normalize_number(final[-1]) if final else None
+    if answer is None:
+        raise ValueError(f"{where}: field 'answer' has no final '#### <number>' line (GSM8K format)")
+    return {"question": row["question"], "solution": row["answer"], "answer": answer,
+            "difficulty": solution_steps(row["answer"])}
+
+
+def resolve_data_file(data_file: str, task: str) -> Path:
+    """An existing absolute path; relative paths are refused rather than resolved against the cwd."""
+    path = Path(data_file).expanduser()
+    if not path.is_absolute():
+        raise ValueError(
+            f"{task}: data_file {data_file!r} is a relative path; it would resolve against the directory lm-eval "
+            f"was launched from ({Path.cwd()}). Pass an absolute path, e.g. "
+            f"--metadata data_file=\"$(realpath {data_file})\""
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"{task}: data_file {str(path)!r} does not exist or is not a file")
+    return path
+
+
+def _read_rows(path: Path) -> list[tuple[str, dict]]:
+    """``(where, row)`` pairs from a JSONL or parquet file, ``where`` naming the file and line/row."""
+    if path.suffix == ".parquet":
+        return [(f"{path} row {i}", row) for i, row in enumerate(Dataset.from_parquet(str(path)))]
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object with 'question' and 'answer'")
+            rows.append((f"{path}:{number}", row))
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def load_gsm8k(data_file: str | None = None, **_run_metadata) -> DatasetDict:
+    """``custom_dataset`` of ``opsd_gsm8k*``: ``--metadata data_file=...`` if given, else the hub."""
+    if data_file is not None:
+        path = resolve_data_file(str(data_file), "opsd_gsm8k*")
+        docs = [gsm8k_doc(row, where) for where, row in _read_rows(path)]
+    else:
+        import datasets
+
+        path, name, split = GSM8K_HUB
+        try:
+            hub_rows = datasets.load_dataset(path, name, split=split)
+        except Exception as err:  # offline, no cache, gated, ...: say what to do instead
+            raise RuntimeError(
+                f"opsd_gsm8k*: no --metadata data_file was given and {path} ({name}/{split}) could not be loaded "
+                f"from the hub ({type(err).__name__}: {err}). Pass a local copy with "
+                "--metadata data_file=/absolute/path/gsm8k_test.jsonl (rows with 'question' and 'answer')."
+            ) from err
+        docs = [gsm8k_doc(row, f"{path} {split} row {i}") for i, row in enumerate(hub_rows)]
+    return DatasetDict({"test": Dataset.from_list(docs)})
+
+
+# --------------------------------------------------------------------------------------------
+# scoring
+# --------------------------------------------------------------------------------------------
+
+
+def process_results(doc: dict, results: list[str]) -> dict:
+    """Per-document metrics: ``exact_match`` (the verifier's flexible extraction: ``#### N``, "the answer
+    is N", ``\\boxed{N}``, else the last number), ``exact_match_strict`` (only a ``#### N`` line counts)
+    and the document's ``difficulty``. lm-eval writes each key at the top level of the sample log."""
+    response = results[0]
+    return {
+        "exact_match": float(is_correct(response, doc["answer"])),
+        "exact_match_strict": float(is_correct(response, doc["answer"], strict=True)),
+        "difficulty": doc["difficulty"],
+    }
+
+
+def tokenizer_source(metadata: dict) -> str | None:
+    """The evaluated model's tokenizer, as lm-eval's metadata knows it: the ``tokenizer`` model argument
+    (or ``--metadata tokenizer=...``), else ``pretrained`` (lm-eval merges model args into metadata)."""
+    for key in ("tokenizer", "pretrained"):
+        value = metadata.get(key)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+class OpsdTask(ConfigurableTask):
+    """A ``ConfigurableTask`` that also logs ``num_output_tokens``: the response re-encoded with the
+    evaluated model's tokenizer (the stop sequence excluded). The YAML hooks cannot do this: lm-eval
+    passes them only the document and the response, never the run's metadata.
+
+    Without a known tokenizer (API models given no ``tokenizer``) the field is left out, and
+    ``trl-opsd compare`` falls back to whitespace words, saying so in its report.
+    """
+
+    def __init__(self, config: dict) -> None:
+        config = {key: value for key, value in config.items() if key != "class"}
+        super().__init__(config=config)
+        self._tokenizer = None
+        source = tokenizer_source(self.config.metadata or {})
+        if source is None:
+            logger.warning("%s: no tokenizer known (model arg 'tokenizer' or 'pretrained'); %s is not logged",
+                           self.config.task, TOKENS_FIELD)
+            return
+        from transformers import AutoTokenizer
+
+        try:
+            self._tokenizer = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError) as err:
+            logger.warning("%s: cannot load tokenizer %r (%s); %s is not logged", self.config.task, source, err,
+                           TOKENS_FIELD)
+
+    def process_results(self, doc: dict, results: list[str]) -> dict:
+        metrics = super().process_results(doc, results)
+        if self._tokenizer is not None:
+            metrics[TOKENS_FIELD] = len(self._tokenizer(results[0], add_special_tokens=False)["input_ids"])
+        return metrics

@@ -1,0 +1,100 @@
+"""The offline arithmetic world: determinism, disjoint splits, parseable gold, the warm start's hint gap."""
+
+import re
+
+import torch
+
+from harness.arithmetic import SPLITS, generate_problems, hinted_messages, split_of
+from harness.tiny_models import build_tiny_model, build_tokenizer
+from harness.verifiers import extract_answer
+
+
+def test_same_seed_same_problems_and_different_seed_different_problems():
+    assert generate_problems(50, "train", seed=3) == generate_problems(50, "train", seed=3)
+    assert generate_problems(50, "train", seed=3) != generate_problems(50, "train", seed=4)
+
+
+def test_a_prefix_of_a_split_does_not_depend_on_how_many_were_asked_for():
+    assert generate_problems(100, "test")[:20] == generate_problems(20, "test")
+
+
+def test_splits_never_overlap():
+    questions = {split: {p.question for p in generate_problems(n, split)} for split, n in
+                 [("train", 3000), ("validation", 400), ("test", 400)]}
+    assert not questions["train"] & questions["validation"]
+    assert not questions["train"] & questions["test"]
+    assert not questions["validation"] & questions["test"]
+    for split in SPLITS:
+        assert all(split_of(p) == split for p in generate_problems(100, split))
+
+
+def test_every_gold_solution_is_correct_arithmetic_and_parses():
+    problems = generate_problems(500, "test")
+    assert {p.difficulty for p in problems} == {1, 2, 3}
+    for problem in problems:
+        *equations, final = problem.solution.split("\n")
+        assert len(equations) == problem.difficulty
+        for line in equations:
+            left, right = line.split("=")
+            assert eval(left) == int(right), line  # noqa: S307 - our own generated digits and operators
+        assert extract_answer(problem.solution, strict=True) == problem.answer == final.removeprefix("#### ")
+        assert int(problem.answer) >= 0
+
+
+def test_hinted_prompt_carries_the_answer_only_in_the_user_turn():
+    problem = generate_problems(1, "test")[0]
+    chat = hinted_messages(problem)
+    assert chat[-1]["content"].startswith(problem.question)
+    assert chat[-1]["content"].endswith(f"The final answer is {problem.answer}.")
+    assert problem.answer not in problem.to_row()["messages"][-1]["content"].split("now?")[-1]
+
+
+def test_tokenizer_is_deterministic_and_round_trips_text(tiny_tokenizer):
+    assert build_tokenizer().backend_tokenizer.to_str() == tiny_tokenizer.backend_tokenizer.to_str()
+    problem = generate_problems(1, "validation")[0]
+    text = tiny_tokenizer.apply_chat_template(problem.to_row(with_solution=True)["messages"], tokenize=False)
+    ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tiny_tokenizer.decode(ids) == text
+    # digits are one token each, so arithmetic is learnable token by token
+    digits = [tok for tok in tiny_tokenizer.convert_ids_to_tokens(ids) if re.fullmatch(r"\d+", tok)]
+    assert digits and all(len(tok) == 1 for tok in digits)
+
+
+def test_chat_template_marks_exactly_the_assistant_reply(tiny_tokenizer):
+    problem = generate_problems(1, "validation")[0]
+    encoded = tiny_tokenizer.apply_chat_template(
+        problem.to_row(with_solution=True)["messages"], return_dict=True, return_assistant_tokens_mask=True
+    )
+    marked = [tok for tok, m in zip(encoded["input_ids"], encoded["assistant_masks"]) if m]
+    assert tiny_tokenizer.decode(marked) == problem.solution + tiny_tokenizer.eos_token
+
+
+def test_tiny_model_round_trips_through_save_pretrained(tiny_tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = build_tiny_model(tiny_tokenizer, seed=7)
+    model.save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    reloaded_tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    ids = torch.tensor([tiny_tokenizer("Mia has 12 apples.")["input_ids"]])
+    torch.testing.assert_close(model(ids).logits, reloaded(ids).logits)
+    assert reloaded_tokenizer.chat_template == tiny_tokenizer.chat_template
+    assert reloaded_tokenizer("Mia has 12 apples.")["input_ids"] == ids[0].tolist()
+    assert not torch.equal(build_tiny_model(tiny_tokenizer, seed=8).lm_head.weight, model.lm_head.weight)
+
+
+def test_warm_start_is_mediocre_without_the_hint_and_strong_with_it(warm_world):
+    no_hint, hint, n = warm_world.no_hint_accuracy, warm_world.hint_accuracy, warm_world.num_eval_problems
+    message = f"no-hint {no_hint:.1%}, hint {hint:.1%} on {n} held-out problems after {warm_world.steps} steps"
+    assert n >= 200, message
+    assert 0.10 <= no_hint <= 0.70, message
+    assert hint - no_hint >= 0.25, message
+
+
+def test_warm_start_is_cached(warm_world):
+    from harness.warm_start import warm_start
+
+    assert warm_start() == warm_world
+    model, tokenizer = warm_world.load()
+    assert model.config.hidden_size == 128 and tokenizer.eos_token == "<|im_end|>"

@@ -1,0 +1,128 @@
+"""``OPSDConfig``: GKD's configuration plus the knobs of on-policy self-distillation.
+
+Every GKD argument keeps its meaning (``lmbda`` is the on-policy fraction, ``beta`` the generalized
+JSD interpolation, ``temperature`` the sampling temperature, ``seq_kd`` sequence-level KD). Only the
+defaults of ``lmbda`` (1.0: OPSD is on-policy) and ``temperature`` (1.0: sample from the policy
+itself) differ. All new knobs are validated in ``__post_init__`` so a bad value fails before any
+model is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl.experimental.gkd import GKDConfig
+
+from trl_opsd.prompts import DEFAULT_ANSWER_CONTEXT_TEMPLATE, DEFAULT_TEACHER_PROMPT_TEMPLATE
+
+SELF_TEACHER_MODES = ("frozen", "ema", "live")
+CLIP_MODES = ("clamp", "scale")
+DIVERGENCES = ("full", "topk", "sampled")
+TRUNCATION_POLICIES = ("error", "truncate_left")
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+@dataclass
+class OPSDConfig(GKDConfig):
+    r"""
+    Configuration for [`OPSDTrainer`]. Inherits every [`~trl.experimental.gkd.GKDConfig`] argument.
+
+    Teacher:
+        self_teacher (`str`, defaults to `"frozen"`): what plays the teacher when no `teacher_model` is
+            given. `"frozen"`: the initial policy (with PEFT, the base model with adapters disabled, no
+            extra weights; otherwise a frozen copy). `"ema"`: an exponential moving average of the
+            student. `"live"`: the current student weights, without gradient.
+        teacher_ema_decay (`float`, defaults to `0.99`): EMA decay for `self_teacher="ema"`.
+
+    Privileged context (what only the teacher sees):
+        privileged_from (`str` or `None`, defaults to `"answer"`): dataset column turned into privileged
+            context (through `answer_context_template`) for rows that carry neither
+            `teacher_messages` nor `privileged_context`. `None` disables it.
+        answer_context_template (`str`): formats that column, e.g. `"The final answer is {answer}."`.
+        teacher_prompt_template (`str`): rewrites the last user turn for the teacher;
+            `{prompt}` is its content and `{privileged_context}` the hint.
+        max_prompt_length (`int` or `None`, defaults to `512`): student prompts longer than this are cut from the left.
+        max_teacher_prompt_length (`int` or `None`, defaults to `None` = `max_prompt_length`): the same for
+            teacher prompts.
+        privileged_truncation (`str`, defaults to `"error"`): a teacher prompt over its limit raises
+            (`"error"`), or is cut from the left so the privileged context at its end survives, and is
+            counted in the `truncated_teacher_prompts` metric (`"truncate_left"`).
+
+    Loss:
+        divergence (`str`, defaults to `"full"`): `"full"`: generalized JSD(`beta`) over the whole
+            vocabulary (needs a dense teacher); `"topk"`: forward KL on the teacher's top-k plus a tail
+            bucket (API teachers); `"sampled"`: sampled-token reverse KL, the Thinking Machines OPD
+            estimator (needs only the teacher's log-prob of each sampled token).
+        teacher_top_k (`int`, defaults to `20`): k for `divergence="topk"`.
+        loss_temperature (`float`, defaults to `1.0`): both distributions are `softmax(logits / loss_temperature)`
+            in the loss. GKD ignores its `temperature` in the loss (it always uses 1.0); so do we by default,
+            and this knob makes the choice explicit instead of silent.
+        kl_clip (`float` or `None`, defaults to `None`): per-token cap on the divergence, applied after the
+            vocabulary sum.
+        kl_clip_mode (`str`, defaults to `"clamp"`): `"clamp"`: `min(d_t, c)`, no gradient above the cap
+            (the seed notebook's `kl.clamp(max=c)`); `"scale"`: `d_t * min(1, c / stopgrad(d_t))`,
+            value capped and gradient direction kept.
+        sampled_ratio_cap (`float`, defaults to `2.0`): cap on the importance ratio of the sampled-token loss.
+        nonfinite_loss (`str`, defaults to `"raise"`): a non-finite loss stops training with a message naming
+            the step and the statistic (`"raise"`), or the step contributes no gradient (`"skip"`).
+    """
+
+    lmbda: float = field(default=1.0, metadata={"help": "Fraction of steps trained on the student's own samples."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of on-policy rollouts."})
+
+    self_teacher: str = field(default="frozen", metadata={"help": f"One of {SELF_TEACHER_MODES}."})
+    teacher_ema_decay: float = field(default=0.99, metadata={"help": "EMA decay for self_teacher='ema'."})
+
+    privileged_from: str | None = field(default="answer", metadata={"help": "Column turned into privileged context."})
+    answer_context_template: str = field(default=DEFAULT_ANSWER_CONTEXT_TEMPLATE)
+    teacher_prompt_template: str = field(default=DEFAULT_TEACHER_PROMPT_TEMPLATE)
+    max_prompt_length: int | None = field(default=512)
+    max_teacher_prompt_length: int | None = field(default=None)
+    privileged_truncation: str = field(default="error", metadata={"help": f"One of {TRUNCATION_POLICIES}."})
+
+    divergence: str = field(default="full", metadata={"help": f"One of {DIVERGENCES}."})
+    teacher_top_k: int = field(default=20)
+    loss_temperature: float = field(default=1.0)
+    kl_clip: float | None = field(default=None, metadata={"help": "Per-token divergence cap (None: no clipping)."})
+    kl_clip_mode: str = field(default="clamp", metadata={"help": f"One of {CLIP_MODES}."})
+    sampled_ratio_cap: float = field(default=2.0)
+    nonfinite_loss: str = field(default="raise", metadata={"help": f"One of {NONFINITE_POLICIES}."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_choice("self_teacher", self.self_teacher, SELF_TEACHER_MODES)
+        _check_choice("kl_clip_mode", self.kl_clip_mode, CLIP_MODES)
+        _check_choice("divergence", self.divergence, DIVERGENCES)
+        _check_choice("privileged_truncation", self.privileged_truncation, TRUNCATION_POLICIES)
+        _check_choice("nonfinite_loss", self.nonfinite_loss, NONFINITE_POLICIES)
+        if not 0.0 < self.teacher_ema_decay < 1.0:
+            raise ValueError(f"teacher_ema_decay must be in (0, 1), got {self.teacher_ema_decay}")
+        if self.kl_clip is not None and self.kl_clip <= 0:
+            raise ValueError(f"kl_clip must be positive or None, got {self.kl_clip}")
+        if self.loss_temperature <= 0:
+            raise ValueError(f"loss_temperature must be positive, got {self.loss_temperature}")
+        if self.teacher_top_k < 1:
+            raise ValueError(f"teacher_top_k must be at least 1, got {self.teacher_top_k}")
+        if self.sampled_ratio_cap < 1:
+            raise ValueError(f"sampled_ratio_cap must be at least 1, got {self.sampled_ratio_cap}")
+        for name in ("max_prompt_length", "max_teacher_prompt_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive number of tokens or None, got {value}")
+        if "{prompt}" not in self.teacher_prompt_template or "{privileged_context}" not in self.teacher_prompt_template:
+            raise ValueError(
+                "teacher_prompt_template must contain both {prompt} and {privileged_context}, got "
+                f"{self.teacher_prompt_template!r}"
+            )
+        if self.divergence == "sampled" and self.kl_clip is not None:
+            raise ValueError(
+                "kl_clip is not defined for divergence='sampled': its per-token value is a policy-gradient surrogate, "
+                "not a divergence; use sampled_ratio_cap, or divergence='full'/'topk' with kl_clip"
+            )
+        if self.max_teacher_prompt_length is None:
+            self.max_teacher_prompt_length = self.max_prompt_length
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")

@@ -1,0 +1,145 @@
+"""In-process teachers that return dense logits: an external model, or the student itself (self-teacher).
+
+Every teacher here answers one question: the teacher's logits at each completion position of a
+batch laid out as ``[left-padded teacher prompt | right-padded completion]``. The self-teachers need
+the student module (the adapter-disabled view and the live view are the student's own weights), so
+it is passed in on every call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from trl_opsd.teachers.base import Teacher
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that ignore left padding: the first real token of every row is position 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def completion_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_len: int):
+    """Logits predicting each of the last ``completion_len`` tokens of ``input_ids``: shape [B, T, V].
+
+    Logits at column j predict token j + 1, so the completion (the last T columns) is predicted by
+    columns -T-1 .. -2. Only those T + 1 columns are projected to the vocabulary (``logits_to_keep``).
+    """
+    outputs = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        logits_to_keep=completion_len + 1,
+        use_cache=False,
+    )
+    return outputs.logits[:, :-1, :]
+
+
+class LocalTeacher(Teacher):
+    """An in-process teacher: dense logits, and a model to generate with (for ``seq_kd``)."""
+
+    capabilities = frozenset({"dense", "generate"})
+
+    def completion_logits(self, student_model, input_ids, attention_mask, completion_len):
+        raise NotImplementedError
+
+    def generation_model(self, student_model):
+        raise NotImplementedError
+
+
+class ModelTeacher(LocalTeacher):
+    """A frozen model with its own weights: an external teacher, a frozen copy of the student, or an EMA."""
+
+    def __init__(self, model: nn.Module, name: str = "model"):
+        super().__init__(name)
+        self.model = model
+        self.model.eval()
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+
+    @torch.no_grad()
+    def completion_logits(self, student_model, input_ids, attention_mask, completion_len):
+        self.model.eval()
+        return completion_logits(self.model, input_ids, attention_mask, completion_len)
+
+    def generation_model(self, student_model):
+        return contextlib.nullcontext(self.model)
+
+
+class AdapterDisabledTeacher(LocalTeacher):
+    """The PEFT student with its adapters switched off: the initial policy, with zero extra weights."""
+
+    def __init__(self):
+        super().__init__("self (adapters disabled)")
+
+    @torch.no_grad()
+    def completion_logits(self, student_model, input_ids, attention_mask, completion_len):
+        with student_model.disable_adapter():
+            return completion_logits(student_model, input_ids, attention_mask, completion_len)
+
+    def generation_model(self, student_model):
+        @contextlib.contextmanager
+        def disabled():
+            with student_model.disable_adapter():
+                yield student_model
+
+        return disabled()
+
+
+class LiveTeacher(LocalTeacher):
+    """The current student weights under privileged context, without gradient."""
+
+    def __init__(self):
+        super().__init__("self (live)")
+
+    @torch.no_grad()
+    def completion_logits(self, student_model, input_ids, attention_mask, completion_len):
+        return completion_logits(student_model, input_ids, attention_mask, completion_len)
+
+    def generation_model(self, student_model):
+        return contextlib.nullcontext(student_model)
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A detached, gradient-free copy of ``model`` (the frozen initial policy or an EMA seed)."""
+    teacher = copy.deepcopy(model)
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+_TOKENIZER_PROBES = [
+    "The final answer is 1,234.50.",
+    "Mia has 12 apples.\n#### 14",
+    "  leading spaces, tabs\tand unicode: café ∑ 😀",
+]
+
+
+def check_same_tokenizer(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase) -> None:
+    """Raise ``ValueError`` unless both tokenizers map text to the same ids.
+
+    Per-token divergences compare distributions over the same vocabulary entries, so equal vocab
+    sizes are not enough: the ids must mean the same strings. Checked on the vocabularies, the
+    special tokens, and the ids of probe texts (plain and chat-formatted).
+    """
+    problems = []
+    student_vocab, teacher_vocab = student.get_vocab(), teacher.get_vocab()
+    if student_vocab != teacher_vocab:
+        differing = sorted(set(student_vocab.items()) ^ set(teacher_vocab.items()))[:5]
+        problems.append(f"vocabularies differ ({len(student_vocab)} vs {len(teacher_vocab)} entries; e.g. {differing})")
+    for attribute in ("eos_token_id", "pad_token_id", "bos_token_id"):
+        if getattr(student, attribute) != getattr(teacher, attribute):
+            problems.append(f"{attribute}: {getattr(student, attribute)} vs {getattr(teacher, attribute)}")
+    for text in _TOKENIZER_PROBES:
+        s_ids = student(text, add_special_tokens=False)["input_ids"]
+        t_ids = teacher(text, add_special_tokens=False)["input_ids"]
+        if s_ids != t_ids:
+            problems.append(f"{text!r} encodes to {s_ids[:8]}... vs {t_ids[:8]}...")
+    if problems:
+        raise ValueError(
+            "the teacher's tokenizer is not the student's, so per-token divergences are undefined: "
+            + "; ".join(problems)
+        )

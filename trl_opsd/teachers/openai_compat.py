@@ -1,0 +1,424 @@
+"""OpenAI-compatible teacher (vLLM, OpenAI-spec providers, Cortex's OpenAI endpoint) on the ``openai`` client.
+
+Scoring a fixed completion uses the legacy ``POST /v1/completions``: the prompt is sent as token ids
+(``teacher_prompt + completion``), with ``echo=true`` so the response covers the prompt positions,
+``max_tokens`` 0 (vLLM) or 1, and ``logprobs=K``. Two response shapes are parsed:
+
+1. OpenAI's ``choices[0].logprobs`` = ``{tokens, token_logprobs, top_logprobs, text_offset}``, one entry per
+   echoed token; entry 0 is ``null`` (no context); ``top_logprobs[i]`` maps a token *string* to its log-prob
+   and holds up to ``logprobs + 1`` entries (the actual token is always included). Read in OpenAI's
+   openapi spec, quoted in the ``openai`` client's ``resources/completions.py`` ("The API will always return
+   the logprob of the sampled token, so there may be up to logprobs+1 elements ... The maximum value for
+   logprobs is 5."), and in vLLM ``vllm/entrypoints/openai/completion/serving.py``
+   (``_create_completion_logprobs``, which clamps ``-inf`` to ``-9999.0``).
+2. vLLM's ``prompt_logprobs`` extension (sent via ``extra_body``): ``choices[0].prompt_logprobs`` is a list,
+   ``null`` at position 0, then ``{"<token_id>": {"logprob", "rank", "decoded_token"}}`` holding the actual
+   prompt token (with its vocabulary rank) plus the top-K (ranks 1..K). Read in vLLM
+   ``vllm/entrypoints/openai/completion/protocol.py`` (``CompletionResponseChoice.prompt_logprobs``,
+   ``to_sampling_params``: echo implies ``prompt_logprobs=logprobs``) and ``vllm/logprobs.py``
+   (``create_prompt_logprobs`` appends ``None`` first; ``append_logprobs_for_next_position``).
+
+Token strings become student ids without loss: vLLM is asked for ``return_tokens_as_token_ids=true``
+(tokens arrive as ``"token_id:N"``, same protocol file); otherwise a string must be exactly one student
+vocabulary token (raw piece or its ``decode``), and anything else is refused. The echoed prompt must be
+the ids that were sent, and once per teacher a text probe checks that the server tokenizes text exactly
+as the student tokenizer does.
+
+Caps on K: vLLM's ``max_logprobs`` defaults to 20 (``ModelConfig.max_logprobs``: "The default value comes
+the default for the OpenAI Chat Completions API"); OpenAI's legacy completions allow 5; some providers
+allow 20 (Together's openapi: "An integer between 0 and 20") -- pass ``max_top_k=20`` for them.
+
+The log-probs are the server's raw (temperature 1) log-probs: vLLM's default ``logprobs_mode`` is
+``raw_logprobs``. Generation (text only) uses ``POST /v1/chat/completions``. Cortex's OpenAI-compatible
+endpoint ``{account_url}/api/v2/cortex/v1`` (Bearer PAT; Snowflake "Cortex REST API" docs, Chat
+Completions quickstart) is reached with :meth:`OpenAICompatTeacher.for_cortex`; it generates only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import openai
+
+from .base import Generation, RowScores, Teacher, TeacherError, TopKScores, check_scoring_inputs
+from .cache import ResponseCache, request_key_parts
+from .http import RemoteExecutor, RemoteTeacherError, RetryableError, RetryPolicy, SecretSource
+
+TOKEN_ID_PREFIX = "token_id:"
+# vLLM clamps -inf to this value in completions logprobs; non-finite values are stored the same way.
+FLOOR_LOGPROB = -9999.0
+
+
+class TokenizerMismatchError(TeacherError):
+    """The server's tokenizer is not the student's: top-k log-probs would refer to other tokens."""
+
+
+class TokenMappingError(TeacherError):
+    """A server token string is not exactly one student vocabulary token."""
+
+
+SERVER_PRESETS: dict[str, dict[str, Any]] = {
+    # vLLM: token-id prompts, echo with max_tokens=0, prompt_logprobs and token_id:N strings.
+    "vllm": {"max_top_k": 20, "echo_max_tokens": 0, "capabilities": frozenset({"topk", "sampled", "generate"})},
+    # Any server that follows OpenAI's legacy completions spec (cap 5; some providers allow 20).
+    "openai": {"max_top_k": 5, "echo_max_tokens": 1, "capabilities": frozenset({"topk", "sampled", "generate"})},
+    # Cortex's OpenAI-compatible endpoint serves chat completions only, without prompt log-probs.
+    "cortex": {"max_top_k": 0, "echo_max_tokens": 1, "capabilities": frozenset({"generate"})},
+}
+
+_CORTEX_NOTE = "Cortex exposes no logprobs; use it for RS-SFT generation or as the PRM judge"
+
+
+class StudentVocab:
+    """Maps a server token string to the one student id it denotes, or refuses.
+
+    A string matches an id if it is the id's raw vocabulary piece or ``tokenizer.decode([id])`` (what vLLM
+    and OpenAI put in ``tokens``). No match, or several ids, is an error: silently picking one would
+    attribute probability to the wrong token.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._ids: dict[str, set[int]] = {}
+        for piece, token_id in tokenizer.get_vocab().items():
+            self._ids.setdefault(piece, set()).add(token_id)
+        for token_id in range(len(tokenizer)):
+            self._ids.setdefault(tokenizer.decode([token_id]), set()).add(token_id)
+
+    def id_of(self, token: str) -> int:
+        ids = self._ids.get(token)
+        if not ids:
+            raise TokenMappingError(
+                f"server token {token!r} is not a token of the student vocabulary; the server's tokenizer "
+                "differs from the student's (use vLLM with return_tokens_as_token_ids to compare ids)"
+            )
+        if len(ids) > 1:
+            raise TokenMappingError(
+                f"server token {token!r} matches several student ids {sorted(ids)[:8]}; token strings cannot "
+                "be mapped without loss -- use a server that returns token ids (vLLM: server='vllm')"
+            )
+        return next(iter(ids))
+
+
+def _finite(value: float | None) -> float:
+    if value is None or not math.isfinite(value):
+        return FLOOR_LOGPROB
+    return float(value)
+
+
+def _top_k(entries: list[tuple[int, float, float]], k: int) -> tuple[list[int], list[float]]:
+    """The ``k`` most likely of ``(id, logprob, rank)`` entries. The actual token, injected by the server when
+    outside the top-K, sorts after the K-th (rank breaks exact ties)."""
+    entries = sorted(entries, key=lambda e: (-e[1], e[2]))[:k]
+    return [e[0] for e in entries], [e[1] for e in entries]
+
+
+def parse_prompt_logprobs(
+    prompt_logprobs: list[dict[str, dict[str, Any]] | None], sent_ids: Sequence[int], prompt_len: int, k: int
+) -> RowScores:
+    """Completion positions of vLLM's ``prompt_logprobs`` (``{"<id>": {logprob, rank, decoded_token}}``)."""
+    if len(prompt_logprobs) < len(sent_ids):
+        raise RemoteTeacherError(
+            f"prompt_logprobs has {len(prompt_logprobs)} positions for {len(sent_ids)} prompt tokens"
+        )
+    row = RowScores([], [], [], [])
+    for pos in range(prompt_len, len(sent_ids)):
+        entry = prompt_logprobs[pos]
+        actual = None if entry is None else entry.get(str(sent_ids[pos]))
+        if actual is None:
+            raise TokenizerMismatchError(
+                f"position {pos}: the server did not score token id {sent_ids[pos]} that was sent; it is "
+                "not reading the student's token ids"
+            )
+        ranked = [
+            (int(tid), _finite(e.get("logprob")), e.get("rank") if e.get("rank") is not None else math.inf)
+            for tid, e in entry.items()
+        ]
+        ids, lps = _top_k(ranked, k)
+        row.topk_ids.append(ids)
+        row.topk_logprobs.append(lps)
+        row.sampled_logprobs.append(_finite(actual.get("logprob")))
+        row.mask.append(True)
+    return row
+
+
+def parse_echo_logprobs(
+    logprobs: Mapping[str, Any], sent_ids: Sequence[int], prompt_len: int, k: int, to_id: Callable[[str], int]
+) -> RowScores:
+    """Completion positions of OpenAI's echoed ``logprobs`` block (token strings mapped by ``to_id``)."""
+    check_echoed_ids(logprobs, sent_ids, to_id)
+    row = RowScores([], [], [], [])
+    for pos in range(prompt_len, len(sent_ids)):
+        sampled = logprobs["token_logprobs"][pos]
+        top = logprobs["top_logprobs"][pos] if logprobs.get("top_logprobs") else None
+        if sampled is None or (k > 0 and top is None):
+            raise RemoteTeacherError(f"position {pos}: the server returned no log-probs for an echoed token")
+        ids, lps = _top_k([(to_id(tok), _finite(lp), 0) for tok, lp in (top or {}).items()], k)
+        row.topk_ids.append(ids)
+        row.topk_logprobs.append(lps)
+        row.sampled_logprobs.append(_finite(sampled))
+        row.mask.append(True)
+    return row
+
+
+def check_echoed_ids(logprobs: Mapping[str, Any], sent_ids: Sequence[int], to_id: Callable[[str], int]) -> None:
+    tokens = logprobs.get("tokens") or []
+    if len(tokens) < len(sent_ids):
+        raise RemoteTeacherError(f"the server echoed {len(tokens)} tokens for a {len(sent_ids)}-token prompt")
+    for pos, (token, sent) in enumerate(zip(tokens, sent_ids)):
+        got = to_id(token)
+        if got != sent:
+            raise TokenizerMismatchError(
+                f"position {pos}: the server echoed {token!r} (student id {got}) where id {sent} was sent"
+            )
+
+
+class OpenAICompatTeacher(Teacher):
+    """Top-k / sampled-token scoring and chat generation against an OpenAI-compatible server.
+
+    ``server`` picks the wire dialect and defaults: ``"vllm"`` (cap 20, ``prompt_logprobs``, token ids),
+    ``"openai"`` (cap 5, token strings; pass ``max_top_k=20`` for providers that allow it) or ``"cortex"``
+    (chat only). The API key is read from ``api_key_env`` or ``api_key_file``; with neither, the
+    placeholder ``"EMPTY"`` is sent, as vLLM's docs do for servers without ``--api-key``.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        student_tokenizer: Any = None,
+        server: str = "vllm",
+        name: str | None = None,
+        api_key_env: str | None = None,
+        api_key_file: str | os.PathLike | None = None,
+        max_top_k: int | None = None,
+        top_k: int | None = None,
+        echo_max_tokens: int | None = None,
+        check_tokenizer: bool = True,
+        max_concurrency: int = 8,
+        timeout_s: float = 60.0,
+        retry: RetryPolicy | None = None,
+        cache: ResponseCache | str | os.PathLike | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        wall_clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        if server not in SERVER_PRESETS:
+            raise ValueError(f"server must be one of {sorted(SERVER_PRESETS)}, got {server!r}")
+        preset = SERVER_PRESETS[server]
+        super().__init__(name or f"{server}:{model}", max_top_k=preset["max_top_k"] if max_top_k is None else max_top_k)
+        self.capabilities = preset["capabilities"]
+        self.capability_notes = {c: _CORTEX_NOTE for c in ("dense", "topk", "sampled")} if server == "cortex" else {}
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.server = server
+        self.student_tokenizer = student_tokenizer
+        self.echo_max_tokens = preset["echo_max_tokens"] if echo_max_tokens is None else echo_max_tokens
+        self.check_tokenizer = check_tokenizer
+        self.timeout_s = timeout_s
+
+        self._key_source = SecretSource(api_key_env, api_key_file) if (api_key_env or api_key_file) else None
+        api_key = self._key_source.read() if self._key_source else "EMPTY"
+        self._client = openai.OpenAI(base_url=self.base_url, api_key=api_key, max_retries=0, timeout=timeout_s)
+        if isinstance(cache, (str, os.PathLike)):
+            cache = ResponseCache(cache)
+        self.executor = RemoteExecutor(
+            self.name, max_concurrency=max_concurrency, retry=retry, cache=cache,
+            secrets=lambda: (api_key,), sleep=sleep, wall_clock=wall_clock, rng=rng,
+        )
+        self._vocab: StudentVocab | None = None
+        self._vocab_lock = threading.Lock()
+        self._tokenizer_verified = False
+        self._verify_lock = threading.Lock()
+        if top_k is not None:
+            self.require("topk" if top_k > 0 else "sampled", top_k=top_k)
+
+    @classmethod
+    def for_cortex(
+        cls, account_url: str, model: str, *, pat_env: str = "SNOWFLAKE_PAT", pat_file: str | None = None, **kwargs: Any
+    ) -> OpenAICompatTeacher:
+        """Cortex's OpenAI-compatible chat endpoint, ``{account_url}/api/v2/cortex/v1``, with a PAT as Bearer."""
+        return cls(
+            account_url.rstrip("/") + "/api/v2/cortex/v1", model, server="cortex",
+            api_key_env=pat_env, api_key_file=pat_file, name=kwargs.pop("name", f"cortex-openai:{model}"), **kwargs,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"OpenAICompatTeacher(name={self.name!r}, base_url={self.base_url!r}, model={self.model!r}, "
+            f"server={self.server!r})"
+        )
+
+    def require(self, capability: str, *, top_k: int | None = None) -> None:
+        super().require(capability, top_k=top_k)
+        if capability in ("topk", "sampled") and self.student_tokenizer is None:
+            raise ValueError(
+                f"{self!r}: scoring needs student_tokenizer, to map server tokens to student ids and to check "
+                "that the server's tokenizer is the student's"
+            )
+
+    def metrics(self) -> dict[str, float]:
+        return self.executor.metrics()
+
+    def close(self) -> None:
+        self.executor.close()
+        self._client.close()
+
+    # ---------------------------------------------------------------- scoring
+
+    def score_topk(
+        self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], k: int
+    ) -> TopKScores:
+        self.require("topk" if k > 0 else "sampled", top_k=k)
+        check_scoring_inputs(prompt_ids, completion_ids)
+        if self.check_tokenizer and prompt_ids:
+            self.verify_tokenizer([*prompt_ids[0], *completion_ids[0]])
+        rows: list[RowScores | None] = [None] * len(prompt_ids)
+        jobs, job_rows = [], []
+        for i, (prompt, completion) in enumerate(zip(prompt_ids, completion_ids)):
+            if len(completion) == 0:
+                rows[i] = RowScores([], [], [], [])
+                continue
+            sent = [int(t) for t in (*prompt, *completion)]
+            payload = self._scoring_payload(sent, k)
+            jobs.append((self._key(payload), self._row_call(payload, sent, len(prompt), k)))
+            job_rows.append(i)
+        for i, row in zip(job_rows, self.executor.map(jobs)):
+            rows[i] = RowScores(**row)
+        return TopKScores.from_rows(rows, k)
+
+    def _scoring_payload(self, sent: list[int], k: int) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "model": self.model, "prompt": sent, "echo": True, "max_tokens": self.echo_max_tokens, "logprobs": k,
+        }
+        if self.server == "vllm":
+            payload["prompt_logprobs"] = k
+            payload["return_tokens_as_token_ids"] = True
+        return payload
+
+    def _row_call(self, payload: dict[str, Any], sent: list[int], prompt_len: int, k: int) -> Callable[[], dict]:
+        def call() -> dict:
+            choice = self._completions(payload)["choices"][0]
+            if choice.get("prompt_logprobs") is not None:
+                if choice.get("logprobs"):
+                    check_echoed_ids(choice["logprobs"], sent, self._to_id)
+                row = parse_prompt_logprobs(choice["prompt_logprobs"], sent, prompt_len, k)
+            elif choice.get("logprobs"):
+                row = parse_echo_logprobs(choice["logprobs"], sent, prompt_len, k, self._to_id)
+            else:
+                raise RemoteTeacherError(f"{self!r}: the response carries no log-probs (does the server support echo?)")
+            return dataclasses.asdict(row)
+        return call
+
+    def verify_tokenizer(self, sample_ids: Sequence[int]) -> None:
+        """Once per teacher: the server must tokenize the text of ``sample_ids`` exactly as the student does."""
+        with self._verify_lock:
+            if self._tokenizer_verified:
+                return
+            tok = self.student_tokenizer
+            text = tok.decode(list(sample_ids), skip_special_tokens=True)
+            expected = list(tok(text, add_special_tokens=False)["input_ids"])
+            payload = {
+                "model": self.model, "prompt": text, "echo": True, "max_tokens": self.echo_max_tokens, "logprobs": 0,
+            }
+            if self.server == "vllm":
+                payload.update(add_special_tokens=False, return_tokens_as_token_ids=True)
+            server_ids = self.executor.run(self._key(payload), lambda: self._echoed_ids(payload))["ids"]
+            if server_ids != expected:
+                pos = next((i for i, (a, b) in enumerate(zip(server_ids, expected)) if a != b),
+                           min(len(server_ids), len(expected)))
+                got = server_ids[pos] if pos < len(server_ids) else None
+                want = expected[pos] if pos < len(expected) else None
+                piece = tok.convert_ids_to_tokens(want) if want is not None else None
+                raise TokenizerMismatchError(
+                    f"{self!r} does not tokenize like the student tokenizer: on the probe text, position {pos} is "
+                    f"server id {got} but student id {want} ({piece!r}). Top-k distillation needs the teacher to "
+                    "share the student's tokenizer."
+                )
+            self._tokenizer_verified = True
+
+    def _echoed_ids(self, payload: dict[str, Any]) -> dict[str, list[int]]:
+        data = self._completions(payload)
+        tokens = data["choices"][0]["logprobs"]["tokens"]
+        n_prompt = (data.get("usage") or {}).get("prompt_tokens", len(tokens) - payload["max_tokens"])
+        return {"ids": [self._to_id(t) for t in tokens[:n_prompt]]}
+
+    def _to_id(self, token: str) -> int:
+        if token.startswith(TOKEN_ID_PREFIX) and token[len(TOKEN_ID_PREFIX):].isdigit():
+            return int(token[len(TOKEN_ID_PREFIX):])
+        with self._vocab_lock:  # built once, on first use: a large vocabulary takes a moment
+            if self._vocab is None:
+                self._vocab = StudentVocab(self.student_tokenizer)
+        return self._vocab.id_of(token)
+
+    # ---------------------------------------------------------------- generation
+
+    def generate(
+        self, chats: Sequence[Sequence[dict[str, Any]]], *, max_tokens: int, temperature: float, n: int = 1
+    ) -> list[Generation]:
+        """``n`` chat completions per chat, chat-major; each sample is its own request (cached and retried
+        on its own; ``sample_index`` is part of the cache key so samples differ)."""
+        self.require("generate")
+        jobs = []
+        for chat in chats:
+            body = {"model": self.model, "messages": [dict(m) for m in chat], "max_tokens": max_tokens,
+                    "temperature": temperature}
+            for sample_index in range(n):
+                key = self._key({"chat": body, "sample_index": sample_index})
+                jobs.append((key, self._chat_call(body)))
+        results = self.executor.map(jobs)
+        return [
+            Generation(text=r["text"], model=r["model"], usage=r["usage"], chat_index=i // n, sample_index=i % n)
+            for i, r in enumerate(results)
+        ]
+
+    def _chat_call(self, body: dict[str, Any]) -> Callable[[], dict]:
+        def call() -> dict:
+            data = self._request(lambda: self._client.chat.completions.with_raw_response.create(
+                model=body["model"], messages=body["messages"], max_tokens=body["max_tokens"],
+                temperature=body["temperature"], timeout=self.timeout_s,
+            ))
+            return {"text": data["choices"][0]["message"]["content"] or "", "model": data.get("model", self.model),
+                    "usage": data.get("usage") or {}}
+        return call
+
+    # ---------------------------------------------------------------- transport
+
+    def _key(self, payload: Any) -> dict[str, Any]:
+        return request_key_parts(f"openai-compat/{self.server}", self.base_url, self.model, payload)
+
+    def _completions(self, payload: dict[str, Any]) -> dict[str, Any]:
+        standard = {k: payload[k] for k in ("model", "prompt", "echo", "max_tokens", "logprobs")}
+        extra = {k: v for k, v in payload.items() if k not in standard}
+        return self._request(lambda: self._client.completions.with_raw_response.create(
+            **standard, extra_body=extra or None, timeout=self.timeout_s
+        ))
+
+    def _request(self, send: Callable[[], Any]) -> dict[str, Any]:
+        """One HTTP exchange; the client's failures become retryable or final errors for the executor."""
+        try:
+            raw = send()
+        except openai.APITimeoutError:
+            raise RetryableError(f"no response within the {self.timeout_s:g}s timeout") from None
+        except openai.APIConnectionError as err:
+            raise RetryableError(f"connection failed: {type(err.__cause__ or err).__name__}") from None
+        except openai.APIStatusError as err:
+            raise self.executor.status_error(
+                err.status_code, err.response.text, who=repr(self),
+                credential=self._key_source.describe() if self._key_source else None, headers=err.response.headers,
+            ) from None
+        try:
+            data = json.loads(raw.http_response.text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise RetryableError(f"malformed JSON in the response body ({err})") from None
+        if not isinstance(data, dict) or not data.get("choices"):
+            raise RemoteTeacherError(f"{self!r}: unexpected response shape (no choices): {str(data)[:200]}")
+        return data
