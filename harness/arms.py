@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import SFTConfig, SFTTrainer
 
 from harness.arithmetic import Problem, generate_problems, problems_to_rows
 from harness.generation import generate_texts, score_answers
@@ -50,8 +51,13 @@ def load(path: str):
 
 
 def train_arm(arm: Arm, start_path: str, out_dir: str | Path, max_steps: int, seed: int = 0) -> tuple[str, list]:
-    """Train ``arm`` from ``start_path``; returns (checkpoint path, the trainer's log history)."""
+    """Train ``arm`` from ``start_path``; returns (checkpoint path, the trainer's log history).
+
+    A finished arm (its checkpoint and log written) is reused, so a killed demo resumes where it stopped.
+    """
     out_dir = Path(out_dir) / arm.name
+    if (out_dir / "log_history.json").exists():
+        return str(out_dir), json.loads((out_dir / "log_history.json").read_text())
     model, tokenizer = load(start_path)
     values = {**WORLD_TRAINING_DEFAULTS, "max_steps": max_steps, "seed": seed, **arm.overrides}
     args = OPSDConfig(output_dir=str(out_dir), **values)
@@ -70,6 +76,31 @@ def train_arm(arm: Arm, start_path: str, out_dir: str | Path, max_steps: int, se
     tokenizer.save_pretrained(out_dir)
     (out_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     return str(out_dir), trainer.state.log_history
+
+
+def train_sft(start_path: str, out_dir: str | Path, max_steps: int, seed: int = 0) -> str:
+    """Plain SFT on gold worked solutions from ``start_path`` (no hints): the supervised reference point,
+    and a stronger separate teacher for OPD."""
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").exists():
+        return str(out_dir)
+    model, tokenizer = load(start_path)
+    batch = WORLD_TRAINING_DEFAULTS["per_device_train_batch_size"]
+    problems = generate_problems(batch * max_steps, "train", seed=seed + 2)
+    rows = [
+        {"prompt": p.to_row()["messages"], "completion": [{"role": "assistant", "content": p.solution}]}
+        for p in problems
+    ]
+    args = SFTConfig(
+        output_dir=str(out_dir), per_device_train_batch_size=batch, max_steps=max_steps, learning_rate=1e-3,
+        lr_scheduler_type="linear", logging_steps=10, save_strategy="no", report_to="none", use_cpu=True,
+        bf16=False, seed=seed, max_length=256,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    trainer.train()
+    trainer.save_model(str(out_dir))
+    tokenizer.save_pretrained(out_dir)
+    return str(out_dir)
 
 
 def no_hint_correctness(path: str, problems: list[Problem], batch_size: int = 128) -> list[bool]:

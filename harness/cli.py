@@ -1,75 +1,44 @@
-"""The ``trl-opsd`` command line: one entry point, one subcommand per job.
-
-Subcommands register themselves in ``SUBCOMMANDS``; each is a (help, add_arguments, run) triple so
-that ``trl-opsd --help`` lists exactly what exists.
-"""
+"""The ``trl-opsd`` command line: one entry point, one subcommand per job."""
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import sys
-from collections.abc import Callable
-from dataclasses import asdict
 
-
-def _add_world_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=int, default=0, help="seed of the world and the warm start")
-    parser.add_argument("--cache-dir", default=None, help="where checkpoints are cached (default: $TRL_OPSD_CACHE "
-                        "or ~/.cache/trl_opsd)")
-    parser.add_argument("--force", action="store_true", help="retrain even if a cached checkpoint exists")
-
-
-def _run_world(args: argparse.Namespace) -> int:
-    """Build and warm-start the arithmetic world, then print its held-out accuracies."""
-    from harness.warm_start import WarmStartSettings, warm_start
-
-    result = warm_start(WarmStartSettings(seed=args.seed), cache_dir=args.cache_dir, force=args.force)
-    summary = {key: value for key, value in asdict(result).items() if key != "history"}
-    print(json.dumps(summary, indent=2))
-    gap = result.hint_accuracy - result.no_hint_accuracy
-    print(
-        f"\nwarm-started tiny model, {result.num_eval_problems} held-out test problems: "
-        f"{result.no_hint_accuracy:.1%} without the hint, {result.hint_accuracy:.1%} with it "
-        f"(gap {gap:+.1%}); checkpoint at {result.path}"
-    )
-    return 0 if result.reached_target else 1
-
-
-def _compare_subcommand():
-    from harness import compare
-
-    return compare.HELP, compare.add_arguments, compare.run
-
-
-SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
-    "world": (
-        "build and warm-start the offline arithmetic world (cached) and report its accuracies",
-        _add_world_arguments,
-        _run_world,
-    ),
-    "compare": _compare_subcommand(),
-    "eval": __import__("harness.lm_eval_runner", fromlist=["SUBCOMMAND"]).SUBCOMMAND,
-    "geometry": __import__("harness.geometry_cli", fromlist=["SUBCOMMAND"]).SUBCOMMAND,
-    "rs-sft": __import__("harness.rs_sft", fromlist=["SUBCOMMAND"]).SUBCOMMAND,
-    "prm-calibrate": __import__("harness.prm_calibration", fromlist=["SUBCOMMAND"]).SUBCOMMAND,
+# name -> (module implementing `add_arguments(parser)` and `run(args) -> int`, one-line help).
+# Modules are imported only when their command runs, so `trl-opsd --help` stays fast.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("harness.demo", "the whole story offline on CPU: warm start, OPSD/OPD arms, lm-eval, paired comparison"),
+    "world": ("harness.world_cli", "build and warm-start the offline arithmetic world (cached) and report it"),
+    "eval": ("harness.lm_eval_runner", "lm-eval's CLI with the opsd_* tasks and the cortex model added"),
+    "compare": ("harness.compare", "paired comparison of lm-eval --log_samples runs (Wilson, McNemar, bootstrap)"),
+    "geometry": ("harness.geometry_cli", "OPD-vs-OPSD per-token divergence geometry on the arithmetic world"),
+    "rs-sft": ("harness.rs_sft", "rejection-sampling SFT data: sample K, verify and/or PRM-filter, write + report"),
+    "prm-calibrate": ("harness.prm_calibration", "calibrate PRM judges against the verifier (AUROC, Spearman)"),
+    "doctor": ("harness.doctor", "preflight: torch/CUDA, bitsandbytes, DeepSpeed, vLLM, tokenizer match"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported (none for the top-level help)."""
     parser = argparse.ArgumentParser(
         prog="trl-opsd", description="On-policy (self-)distillation for TRL: training, evaluation and data tools."
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (help_text, add_arguments, run) in SUBCOMMANDS.items():
+    for name, (module_name, help_text) in COMMANDS.items():
         subparser = subparsers.add_parser(name, help=help_text, description=help_text)
-        add_arguments(subparser)
-        subparser.set_defaults(run=run)
+        if name == command:
+            module = importlib.import_module(module_name)
+            module.add_arguments(subparser)
+            subparser.set_defaults(run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
     return args.run(args)
 
 

@@ -130,8 +130,10 @@ def _sample(model, tokenizer, batch, max_new_tokens: int, seed: int):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the world and the warm start")
-    parser.add_argument("--cache-dir", default=None, help="checkpoint cache (default: $TRL_OPSD_CACHE or ~/.cache/trl_opsd)")
-    parser.add_argument("--teacher", default=None, help="OPD teacher checkpoint (default: a cached SFT-continued warm start)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="checkpoint cache (default: $TRL_OPSD_CACHE or ~/.cache/trl_opsd)")
+    parser.add_argument("--teacher", default=None,
+                        help="OPD teacher checkpoint (default: the warm start after more SFT, cached)")
     parser.add_argument("--teacher-steps", type=int, default=TeacherSettings.steps,
                         help="SFT steps of the default OPD teacher")
     parser.add_argument("--num-prompts", type=int, default=256, help="held-out (validation) prompts to sample")
@@ -150,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
     if args.teacher:
         teacher_path, teacher_accuracy = args.teacher, None
     else:
-        teacher_path, teacher_accuracy = stronger_teacher(warm.path, TeacherSettings(steps=args.teacher_steps), args.seed)
+        settings = TeacherSettings(steps=args.teacher_steps)
+        teacher_path, teacher_accuracy = stronger_teacher(warm.path, settings, args.seed)
     problems = generate_problems(args.num_prompts, "validation", seed=args.seed)
     opd, opsd = opd_and_opsd_geometry(warm.path, teacher_path, problems, args.beta, args.max_new_tokens,
                                       args.sample_seed)

@@ -23,9 +23,6 @@ import yaml
 
 from harness.tasks import TASK_NAMES, include_path, task_yaml
 
-HELP = "run lm-eval's CLI with the opsd_* tasks (--include_path added) and --model cortex available"
-
-
 def _option_name(token: str, name: str) -> bool:
     """Whether ``token`` (before any ``=``) spells option ``name``, including the unambiguous prefixes
     argparse accepts (``--include``, ``--task``)."""
@@ -129,6 +126,3 @@ def run(args: argparse.Namespace) -> int:
     finally:
         sys.argv = saved
     return 0
-
-
-SUBCOMMAND = (HELP, add_arguments, run)  # the entry in harness.cli.SUBCOMMANDS

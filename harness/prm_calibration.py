@@ -185,8 +185,6 @@ def world_rollouts(model_path: str, *, num_prompts: int, samples: int, temperatu
 # `trl-opsd prm-calibrate`
 # --------------------------------------------------------------------------------------------
 
-HELP = "calibrate PRM judges against the verifier: AUROC and Spearman per judge and aggregation, with a verdict"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory for report.json / report.md")
@@ -239,5 +237,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"judge calls this run: {report['judge_calls_this_run']}")
     return 0
 
-
-SUBCOMMAND = (HELP, add_arguments, run)

@@ -312,7 +312,7 @@ def _records(prompts: Sequence[PromptRow], texts: Sequence[Sequence[str]], judge
                    for p, ts in zip(prompts, texts)]
     if judge is not None:
         flat = [(p, c) for p, cs in zip(prompts, completions) for c in cs]
-        for c in (c for _, c in flat):
+        for _, c in flat:
             c["steps"] = split_steps(c["text"])
         results = judge.judge_many([(p.question, c["steps"]) for p, c in flat])
         for (_, c), result in zip(flat, results):
@@ -482,8 +482,6 @@ def _merge_runs(table: list[dict]) -> list[tuple[dict, dict]]:
 # `trl-opsd rs-sft`
 # --------------------------------------------------------------------------------------------
 
-HELP = "rejection-sampling SFT data: sample K per prompt, verify and/or PRM-filter, write an SFT dataset + report"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory (resumable: rerun the same command)")
@@ -547,5 +545,3 @@ def run(args: argparse.Namespace) -> int:
     print(render_markdown(report))
     return 0
 
-
-SUBCOMMAND = (HELP, add_arguments, run)

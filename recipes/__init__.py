@@ -1,4 +1,4 @@
-"""Accelerate-launchable training recipes (``opsd.py``, ``opd.py``, ``sft.py``) and the helpers they share.
+"""Accelerate-launchable recipes (``opsd.py``, ``opd.py``, ``unified.py``, ``sft.py``, ``rs_sft.py``) and their helpers.
 
 The scripts put the repository root on ``sys.path`` themselves, so ``accelerate launch recipes/opsd.py``
 works from any directory without installing this folder.

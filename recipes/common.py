@@ -9,6 +9,7 @@ check the trainer matches the launch, train, save, and write the run manifest ne
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import hashlib
 import sys
@@ -38,7 +39,8 @@ class RecipeArguments(ScriptArguments):
     """Data and run-control arguments shared by every recipe (on top of TRL's ``ScriptArguments``)."""
 
     dataset_format: str = field(default="auto", metadata={"help": f"One of {data_sources.DATASET_FORMATS}: rows in "
-                                "the project's contract, GSM8K question/answer rows, or detect from the columns."})
+                                "the project's contract, GSM8K question/answer rows, problem/solution rows (the OPSD "
+                                "paper's), or detect from the columns."})
     num_train_rows: int | None = field(default=None, metadata={"help": "Use the first N rows (arithmetic: generate N "
                                        f"problems, default {data_sources.DEFAULT_ARITHMETIC_ROWS})."})
     dataset_seed: int = field(default=0, metadata={"help": "Seed of the arithmetic world's problems."})
@@ -55,7 +57,8 @@ class RecipeArguments(ScriptArguments):
 
     def __post_init__(self):
         if self.dataset_format not in data_sources.DATASET_FORMATS:
-            raise RecipeError(f"dataset_format must be one of {data_sources.DATASET_FORMATS}, got {self.dataset_format!r}")
+            raise RecipeError(f"dataset_format must be one of {data_sources.DATASET_FORMATS}, "
+                              f"got {self.dataset_format!r}")
         if self.memory_policy not in memory.MEMORY_POLICIES:
             raise RecipeError(f"memory_policy must be one of {memory.MEMORY_POLICIES}, got {self.memory_policy!r}")
         if self.num_train_rows is not None and self.num_train_rows < 1:
@@ -76,7 +79,7 @@ def run_cli(main, argv: list[str] | None = None) -> int:
 # -- launch -------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Launch:
-    """The setup this process was launched under, the one the plan describes, and the forced arguments."""
+    """The setup this process was launched under, and the training arguments it forces on this machine."""
 
     running: launch_env.LaunchSetup
     overrides: dict[str, object]
@@ -113,8 +116,9 @@ def describe_launch(setup: launch_env.LaunchSetup, launch: Launch, training_args
     details = launch_env.describe(setup)
     details["precision"] = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32"
     if launch.overrides:
-        details["forced_on_this_machine"] = {key: f"{value}  ({launch_env.OVERRIDE_REASONS[key]})"
-                                       for key, value in launch.overrides.items()}
+        details["forced_on_this_machine"] = {
+            key: f"{value}  ({launch_env.OVERRIDE_REASONS[key]})" for key, value in launch.overrides.items()
+        }
     return details
 
 
@@ -142,7 +146,7 @@ def device_memory(script_args: RecipeArguments, training_args) -> tuple[str, flo
         return "assumed GPU", script_args.assume_gpu_memory_gb
     if training_args.use_cpu:
         return "cpu", None
-    return memory.detect_gpu_memory_gib(max(0, training_args.local_rank))
+    return memory.detect_gpu_memory_gib(training_args.local_process_index)
 
 
 # -- data ---------------------------------------------------------------------------------------------
@@ -157,10 +161,15 @@ class Data:
         if self.source.kind == data_sources.ARITHMETIC:
             details["seed"] = script_args.dataset_seed
         if self.train is not None:
-            details.update(num_rows=len(self.train), columns=self.train.column_names, fingerprint_sha256=self.fingerprint)
+            details.update(num_rows=len(self.train), columns=self.train.column_names,
+                           fingerprint_sha256=self.fingerprint)
         else:
             details["num_rows"] = "resolved when the run loads it (hub datasets are not fetched for a dry run)"
         return details
+
+    def summary(self) -> dict[str, object]:
+        """What the manifest records about the rows trained on (``None`` while a hub dataset is not loaded)."""
+        return {"fingerprint_sha256": self.fingerprint, "num_rows": None if self.train is None else len(self.train)}
 
 
 def resolve_data(script_args: RecipeArguments, with_solution: bool, load_remote: bool) -> Data:
@@ -197,7 +206,8 @@ def manifest_payload(recipe: str, plan: dict[str, Any], parsed: tuple, status: s
     config = {}
     for arguments in parsed:
         as_dict = arguments.to_dict() if hasattr(arguments, "to_dict") else vars(arguments)
-        config[type(arguments).__name__] = dict(as_dict)
+        name = "arguments" if isinstance(arguments, argparse.Namespace) else type(arguments).__name__
+        config[name] = dict(as_dict)
     return {
         "recipe": recipe,
         "status": status,
@@ -219,7 +229,7 @@ def write_manifest(output_dir: str, name: str, payload: dict[str, Any]) -> Path 
 
 def dry_run(recipe: str, plan: dict[str, Any], parsed: tuple, data: Data, output_dir: str) -> int:
     write_manifest(output_dir, DRY_RUN_MANIFEST_NAME,
-                   manifest_payload(recipe, plan, parsed, "dry_run", dataset_fingerprint_sha256=data.fingerprint))
+                   manifest_payload(recipe, plan, parsed, "dry_run", dataset=data.summary()))
     return 0
 
 
@@ -231,7 +241,7 @@ def train_and_record(recipe: str, trainer, plan: dict[str, Any], parsed: tuple, 
     except launch_env.LaunchError as error:
         raise RecipeError(str(error)) from None
     output_dir = trainer.args.output_dir
-    dataset = {"fingerprint_sha256": data.fingerprint, "num_rows": len(data.train)}
+    dataset = data.summary()
     write_manifest(output_dir, MANIFEST_NAME, manifest_payload(recipe, plan, parsed, "running", dataset=dataset))
     if rank_fingerprint:
         trainer.add_callback(RankFingerprintCallback(output_dir, launch.running.shards_parameters))
@@ -240,7 +250,8 @@ def train_and_record(recipe: str, trainer, plan: dict[str, Any], parsed: tuple, 
     write_manifest(output_dir, MANIFEST_NAME, manifest_payload(
         recipe, plan, parsed, "completed", dataset=dataset,
         train={"global_step": result.global_step, "metrics": result.metrics}))
-    trainer.accelerator.print(f"{recipe}: trained {result.global_step} steps; model and {MANIFEST_NAME} in {output_dir}")
+    trainer.accelerator.print(f"{recipe}: trained {result.global_step} steps; model and {MANIFEST_NAME} in "
+                              f"{output_dir}")
     return 0
 
 

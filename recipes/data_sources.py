@@ -129,7 +129,8 @@ def to_contract(dataset: Dataset, dataset_format: str, with_solution: bool) -> D
             )
     if dataset_format == "contract":
         if not columns & set(CONTRACT_PROMPT_FIELDS):
-            raise DataSourceError(f"dataset_format='contract' needs a 'messages' or 'prompt' column, got {sorted(columns)}")
+            raise DataSourceError(f"dataset_format='contract' needs a 'messages' or 'prompt' column, got "
+                                  f"{sorted(columns)}")
         return dataset
     needed, convert = {
         "gsm8k": ({"question", "answer"}, lambda row, index: gsm8k_row(row, index, with_solution)),

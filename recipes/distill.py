@@ -1,8 +1,9 @@
-"""The flow OPSD and OPD share: one ``OPSDTrainer``, with a self-teacher (OPSD) or an external one (OPD).
+"""The flow OPSD, OPD and the unified recipe share: one ``OPSDTrainer`` (or ``UnifiedTrainer``).
 
-``recipes/opsd.py`` and ``recipes/opd.py`` are thin front ends over :func:`run`; the difference is who
-teaches: nobody passed (the student's own initial policy, seeing privileged context) or a teacher model /
-OpenAI-compatible server.
+``recipes/opsd.py``, ``recipes/opd.py`` and ``recipes/unified.py`` are thin front ends over :func:`run`;
+they differ in who teaches: the student's own initial policy seeing privileged context (``self``), a
+teacher model or OpenAI-compatible server (``external``), or, for the unified objective, whatever its
+``teacher_kind`` / ``preset`` says (including ``none``: reward only).
 """
 
 from __future__ import annotations
@@ -16,8 +17,12 @@ from trl import ModelConfig, TrlParser, get_peft_config
 from recipes import common, launch_env, memory, models, student
 from recipes.common import RecipeArguments, RecipeError
 from trl_opsd import OPSDConfig, OPSDTrainer
+from trl_opsd.rewards import math_answer_reward
+from trl_opsd.unified import UnifiedConfig, UnifiedTrainer
 
 API_SERVERS = ("vllm", "openai")
+REWARD_FUNCTIONS = {"math_answer": math_answer_reward}
+RECIPES = ("opsd", "opd", "unified")
 
 
 @dataclass
@@ -42,21 +47,77 @@ class TeacherArguments:
             raise RecipeError("teacher_api_base and teacher_api_model go together: set both or neither")
 
 
+@dataclass
+class RewardArguments:
+    """The unified objective's reward term (alpha > 0, or reward_filter)."""
+
+    reward_funcs: list[str] = field(default_factory=lambda: ["math_answer"], metadata={
+        "help": f"Reward functions, summed: {sorted(REWARD_FUNCTIONS)} (math_answer: 1 when the final answer "
+                "equals the row's 'answer')."})
+
+    def __post_init__(self):
+        unknown = sorted(set(self.reward_funcs) - set(REWARD_FUNCTIONS))
+        if unknown:
+            raise RecipeError(f"reward_funcs: unknown {unknown}; known are {sorted(REWARD_FUNCTIONS)}")
+
+
 @dataclass(frozen=True)
 class TeacherChoice:
-    kind: str  # "self" | "external" | "api"
+    kind: str  # "self" | "external" | "api" | "none"
     footprint: str  # memory.TrainingFootprint.teacher
     description: str
     spec: models.ModelSpec | None = None
 
 
-def make_parser(with_teacher: bool) -> TrlParser:
-    if not with_teacher:
+NO_TEACHER = TeacherChoice("none", "none", "none: the reward term alone trains the student")
+
+
+def make_parser(recipe: str) -> TrlParser:
+    if recipe == "opsd":
         return TrlParser((RecipeArguments, OPSDConfig, ModelConfig))
+    if recipe == "unified":
+        return TrlParser((RecipeArguments, TeacherArguments, RewardArguments, UnifiedConfig, ModelConfig))
     parser = TrlParser((RecipeArguments, TeacherArguments, OPSDConfig, ModelConfig))
     # OPD's teacher sees the student's prompt unless privileged context is asked for (YAML / CLI win).
     parser.set_defaults(privileged_from=None)
     return parser
+
+
+@dataclass
+class Parsed:
+    """The recipe's dataclasses by role (``teacher`` / ``reward`` are ``None`` where the recipe has none)."""
+
+    script: RecipeArguments
+    teacher: TeacherArguments | None
+    reward: RewardArguments | None
+    training: OPSDConfig
+    model: ModelConfig
+    all: tuple
+
+
+def unpack(recipe: str, parsed: tuple) -> Parsed:
+    if recipe == "opsd":
+        script, training, model = parsed
+        return Parsed(script, None, None, training, model, parsed)
+    if recipe == "unified":
+        return Parsed(*parsed, all=parsed)
+    script, teacher, training, model = parsed
+    return Parsed(script, teacher, None, training, model, parsed)
+
+
+def teacher_kind_of(recipe: str, args: Parsed) -> str:
+    """"self", "external" or "none"; for the unified recipe its config decides (and is told the answer)."""
+    if recipe != "unified":
+        return "self" if recipe == "opsd" else "external"
+    kind = args.training.teacher_kind
+    if kind is None:
+        given = args.training.teacher_model_name_or_path or args.teacher.teacher_api_base
+        kind = "external" if given else "self"
+    try:
+        args.training.resolve_teacher_kind(kind)  # re-checks the (alpha, lambda, teacher, sampler) combination
+    except ValueError as error:
+        raise RecipeError(str(error)) from None
+    return kind
 
 
 # -- teacher ------------------------------------------------------------------------------------------
@@ -68,8 +129,8 @@ def self_teacher(training_args: OPSDConfig, use_peft: bool) -> TeacherChoice:
         if mode == "ema":
             raise RecipeError("self_teacher='ema' needs its own weights and cannot be combined with use_peft (or a "
                               "memory-tight switch to 4-bit + LoRA): use self_teacher 'frozen' or 'live'")
-        return TeacherChoice("self", "student_view",
-                             "self: the student with its LoRA adapters disabled = the initial policy (no extra weights)")
+        return TeacherChoice("self", "student_view", "self: the student with its LoRA adapters disabled = the "
+                             "initial policy (no extra weights)")
     if mode == "ema":
         return TeacherChoice("self", "copy", f"self: EMA of the student (decay {training_args.teacher_ema_decay})")
     return TeacherChoice("self", "copy", "self: frozen copy of the initial policy")
@@ -127,21 +188,44 @@ def check_teacher_under_launch(setup: launch_env.LaunchSetup, teacher: TeacherCh
 def check_api_teacher_loss(training_args: OPSDConfig, teacher: TeacherChoice) -> None:
     if teacher.kind == "api" and training_args.divergence == "full":
         raise RecipeError("divergence='full' needs the teacher's dense logits, which a server does not return: set "
-                          "divergence to 'topk' (top-k log-probs + tail bucket) or 'sampled' (sampled-token reverse KL)")
+                          "divergence to 'topk' (top-k log-probs + tail bucket) or 'sampled' (sampled-token reverse "
+                          "KL)")
 
 
 # -- plan ---------------------------------------------------------------------------------------------
-def describe_loss(args: OPSDConfig) -> dict[str, Any]:
+def describe_unified(args: UnifiedConfig, reward: RewardArguments) -> dict[str, Any]:
+    """The unified objective's knobs: loss = lambda * D + alpha * R (trl_opsd/unified.py)."""
+    return {
+        "objective": "lambda * distillation + alpha * REINFORCE(reward)",
+        "preset": args.preset,
+        "alpha_reward_weight": args.reward_weight,
+        "lambda_distillation_weight": args.distillation_weight,
+        "sampler": args.sampler,
+        "num_generations": args.num_generations,
+        "reward_funcs": reward.reward_funcs if (args.reward_weight > 0 or args.reward_filter) else "none",
+        "reward_filter": args.reward_filter,
+        "distillation_loss": args.distillation_loss + (f" (hinton_alpha {args.hinton_alpha}, T = loss_temperature)"
+                                                       if args.distillation_loss == "hinton" else ""),
+    }
+
+
+def describe_loss(args: OPSDConfig, reward: RewardArguments | None = None) -> dict[str, Any]:
     if args.divergence == "sampled":
         divergence = ("sampled-token reverse KL: advantage log p_T(y) - log p_S(y) on the sampled token "
                       f"(importance ratio capped at {args.sampled_ratio_cap}); logged value is the KL estimate")
     else:
         name = {0.0: "forward KL  KL(p_T || p_S)", 1.0: "reverse KL  KL(p_S || p_T)"}.get(
             float(args.beta), f"generalized JSD(beta={args.beta})")
-        scope = f"the teacher's top-{args.teacher_top_k} + a tail bucket" if args.divergence == "topk" else "the vocabulary"
+        scope = "the vocabulary"
+        if args.divergence == "topk":
+            scope = f"the teacher's top-{args.teacher_top_k} + a tail bucket"
         divergence = f"{name}, summed over {scope}  [beta={args.beta}]"
-    clip = "none" if args.kl_clip is None else f"{args.kl_clip_mode} at {args.kl_clip} per token, after the vocabulary sum"
+    clip = "none"
+    if args.kl_clip is not None:
+        clip = f"{args.kl_clip_mode} at {args.kl_clip} per token, after the vocabulary sum"
+    unified = describe_unified(args, reward) if isinstance(args, UnifiedConfig) else {}
     return {
+        **unified,
         "divergence": divergence,
         "clip": clip,
         "loss_temperature": args.loss_temperature,
@@ -175,20 +259,25 @@ class Resolved:
     data: common.Data
 
 
-def resolve(recipe: str, script_args: RecipeArguments, teacher_args: TeacherArguments | None,
-            training_args: OPSDConfig, model_args: ModelConfig, launch: common.Launch) -> Resolved:
-    """The plan, with the VRAM decision applied to ``model_args`` / ``teacher_args``; loads no weights."""
+def resolve(recipe: str, args: Parsed, launch: common.Launch) -> Resolved:
+    """The plan, with the VRAM decision applied to the model / teacher arguments; loads no weights."""
+    script_args, teacher_args, training_args, model_args = args.script, args.teacher, args.training, args.model
     setup = common.described_setup(script_args, launch)
     try:
         student_spec = models.resolve(model_args.model_name_or_path)
     except models.ModelSpecError as error:
         raise RecipeError(str(error)) from None
-    if teacher_args is None and training_args.teacher_model_name_or_path:
-        raise RecipeError("recipes/opsd.py trains with a self-teacher: remove teacher_model_name_or_path, or use "
-                          "recipes/opd.py for an external teacher")
-    external = external_teacher(training_args, teacher_args) if teacher_args is not None else None
+    teacher_kind = teacher_kind_of(recipe, args)
+    if teacher_kind != "external" and (training_args.teacher_model_name_or_path or
+                                       (teacher_args and teacher_args.teacher_api_base)):
+        raise RecipeError(f"this run's teacher is {teacher_kind!r}: remove teacher_model_name_or_path / "
+                          "teacher_api_base, or use recipes/opd.py (unified: teacher_kind external) for an external "
+                          "teacher")
+    external = external_teacher(training_args, teacher_args) if teacher_kind == "external" else None
 
     def teacher_for(use_peft: bool) -> TeacherChoice:
+        if teacher_kind == "none":
+            return NO_TEACHER
         return external or self_teacher(training_args, use_peft)
 
     student_parameters, parameters_source = models.count_parameters(student_spec, training_args.trust_remote_code)
@@ -210,7 +299,7 @@ def resolve(recipe: str, script_args: RecipeArguments, teacher_args: TeacherArgu
     teacher_4bit = bool(teacher_args and teacher_args.teacher_load_in_4bit)
     already_quantized = model_args.load_in_4bit and model_args.use_peft and (external is None or teacher_4bit
                                                                              or external.kind == "api")
-    cannot_switch = training_args.self_teacher == "ema" and external is None
+    cannot_switch = training_args.self_teacher == "ema" and teacher_kind == "self"
     device, device_gib = common.device_memory(script_args, training_args)
     decision = memory.decide(
         footprint(model_args.load_in_4bit, model_args.use_peft, teacher_4bit),
@@ -225,12 +314,14 @@ def resolve(recipe: str, script_args: RecipeArguments, teacher_args: TeacherArgu
     teacher = teacher_for(model_args.use_peft)
     check_teacher_under_launch(setup, teacher)
     check_api_teacher_loss(training_args, teacher)
-    data = common.resolve_data(script_args, with_solution=training_args.lmbda < 1.0, load_remote=not script_args.dry_run)
+    data = common.resolve_data(script_args, with_solution=training_args.lmbda < 1.0,
+                               load_remote=not script_args.dry_run)
 
     teacher_plan: dict[str, Any] = {"kind": teacher.kind, "what": teacher.description,
                                     "privileged_context": describe_privileged_context(training_args)}
     if teacher.spec is not None:
-        precision = student.precision_of(teacher_dtype(training_args, model_args), teacher_args.teacher_load_in_4bit, False)
+        precision = student.precision_of(teacher_dtype(training_args, model_args), teacher_args.teacher_load_in_4bit,
+                                         False)
         teacher_plan["model"] = {**teacher.spec.describe(), "parameters": teacher_parameters,
                                  "precision": precision.describe()}
     plan = {
@@ -238,7 +329,7 @@ def resolve(recipe: str, script_args: RecipeArguments, teacher_args: TeacherArgu
         "student": student.describe(student_spec, student_parameters, parameters_source, model_args),
         "teacher": teacher_plan,
         "data": data.describe(script_args),
-        "loss": describe_loss(training_args),
+        "loss": describe_loss(training_args, args.reward),
         "optimization": common.describe_optimization(training_args),
         "accelerate": common.describe_launch(setup, launch, training_args),
         "memory": decision.describe(),
@@ -251,9 +342,9 @@ def resolve(recipe: str, script_args: RecipeArguments, teacher_args: TeacherArgu
 # -- run ----------------------------------------------------------------------------------------------
 def build_teacher(resolved: Resolved, teacher_args: TeacherArguments | None, training_args: OPSDConfig,
                   model_args: ModelConfig, tokenizer):
-    """(teacher for OPSDTrainer's ``teacher_model``, its tokenizer or None); ``(None, None)`` for a self-teacher."""
+    """(teacher for the trainer's ``teacher_model``, its tokenizer or None); ``(None, None)`` for self / none."""
     teacher = resolved.teacher
-    if teacher.kind == "self":
+    if teacher.kind in ("self", "none"):
         return None, None
     if teacher.kind == "api":
         from trl_opsd.teachers.openai_compat import OpenAICompatTeacher
@@ -275,25 +366,28 @@ def build_teacher(resolved: Resolved, teacher_args: TeacherArguments | None, tra
     return model, AutoTokenizer.from_pretrained(path, trust_remote_code=training_args.trust_remote_code)
 
 
-def run(recipe: str, argv: list[str] | None = None, with_teacher: bool = False) -> int:
+def run(recipe: str, argv: list[str] | None = None) -> int:
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
     launch = common.detect_launch()
-    parsed = common.parse(make_parser(with_teacher), argv, launch)
-    if with_teacher:
-        script_args, teacher_args, training_args, model_args = parsed
-    else:
-        (script_args, training_args, model_args), teacher_args = parsed, None
-    resolved = resolve(recipe, script_args, teacher_args, training_args, model_args, launch)
-    common.print_plan(recipe, resolved.plan, script_args.dry_run)
-    if script_args.dry_run:
-        return common.dry_run(recipe, resolved.plan, parsed, resolved.data, training_args.output_dir)
+    args = unpack(recipe, common.parse(make_parser(recipe), argv, launch))
+    resolved = resolve(recipe, args, launch)
+    common.print_plan(recipe, resolved.plan, args.script.dry_run)
+    if args.script.dry_run:
+        return common.dry_run(recipe, resolved.plan, args.all, resolved.data, args.training.output_dir)
 
     if resolved.data.train is None:
-        resolved.data = common.resolve_data(script_args, training_args.lmbda < 1.0, load_remote=True)
-    model, tokenizer = student.load(resolved.student, training_args, model_args)
-    teacher, teacher_tokenizer = build_teacher(resolved, teacher_args, training_args, model_args, tokenizer)
-    trainer = OPSDTrainer(
-        model=model, teacher_model=teacher, args=training_args, train_dataset=resolved.data.train,
-        processing_class=tokenizer, peft_config=get_peft_config(model_args), teacher_processing_class=teacher_tokenizer,
+        resolved.data = common.resolve_data(args.script, args.training.lmbda < 1.0, load_remote=True)
+    model, tokenizer = student.load(resolved.student, args.training, args.model)
+    teacher, teacher_tokenizer = build_teacher(resolved, args.teacher, args.training, args.model, tokenizer)
+    trainer_kwargs = dict(
+        model=model, teacher_model=teacher, args=args.training, train_dataset=resolved.data.train,
+        processing_class=tokenizer, peft_config=get_peft_config(args.model), teacher_processing_class=teacher_tokenizer,
     )
-    return common.train_and_record(recipe, trainer, resolved.plan, parsed, resolved.data, launch,
-                                   script_args.rank_fingerprint)
+    if recipe == "unified":
+        rewards = [REWARD_FUNCTIONS[name] for name in args.reward.reward_funcs]
+        trainer = UnifiedTrainer(**trainer_kwargs, reward_funcs=rewards)
+    else:
+        trainer = OPSDTrainer(**trainer_kwargs)
+    return common.train_and_record(recipe, trainer, resolved.plan, args.all, resolved.data, launch,
+                                   args.script.rank_fingerprint)

@@ -65,8 +65,9 @@ def from_environment() -> LaunchSetup:
     source = "accelerate launch environment" if launched else "single process (not launched by accelerate)"
     if _flag("ACCELERATE_USE_DEEPSPEED"):
         stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        zero3_init = _flag("ACCELERATE_DEEPSPEED_ZERO3_INIT")
         return LaunchSetup(source, "deepspeed", num_processes, mixed_precision,
-                           zero_stage=int(stage) if stage else None, zero3_init=_flag("ACCELERATE_DEEPSPEED_ZERO3_INIT"))
+                           zero_stage=int(stage) if stage else None, zero3_init=zero3_init)
     if _flag("ACCELERATE_USE_FSDP"):
         return LaunchSetup(source, "fsdp", num_processes, mixed_precision,
                            fsdp_version=int(os.environ.get("FSDP_VERSION", "1")))
@@ -119,8 +120,9 @@ def check_trainer_matches(setup: LaunchSetup, trainer) -> None:
     state = trainer.accelerator
     if state.num_processes != setup.num_processes:
         raise LaunchError(
-            f"{setup.num_processes} processes were launched but the trainer sees {state.num_processes}: the ranks would "
-            "train independent copies. On CPU the training arguments need use_cpu=True (DeepSpeed: ddp_backend='gloo')."
+            f"{setup.num_processes} processes were launched but the trainer sees {state.num_processes}: the ranks "
+            "would train independent copies. On CPU the training arguments need use_cpu=True (DeepSpeed: "
+            "ddp_backend='gloo')."
         )
     if (setup.distributed == "deepspeed") != bool(trainer.is_deepspeed_enabled):
         raise LaunchError(f"launched with distributed={setup.distributed!r} but DeepSpeed enabled="

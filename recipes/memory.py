@@ -136,13 +136,14 @@ def decide(
     if quantized_lora is None or policy == "as_configured":
         why = "already 4-bit + LoRA" if quantized_lora is None else "memory_policy=as_configured"
         return MemoryDecision(device, device_memory_gib, need, need, False,
-                              f"TIGHT: ~{need:.1f} GiB needed of {device_memory_gib:.1f} GiB ({why}); expect out-of-memory "
-                              "errors, or lower the batch size / max_new_tokens", False)
+                              f"TIGHT: ~{need:.1f} GiB needed of {device_memory_gib:.1f} GiB ({why}); expect "
+                              "out-of-memory errors, or lower the batch size / max_new_tokens", False)
     fallback = quantized_lora.estimate_gib()
     fits = fallback <= device_memory_gib
     verdict = "fits" if fits else "may still not fit"
     return MemoryDecision(
         device, device_memory_gib, need, fallback, True,
-        f"tight: as configured ~{need:.1f} GiB of {device_memory_gib:.1f} GiB; 4-bit + LoRA ~{fallback:.1f} GiB ({verdict})",
+        f"tight: as configured ~{need:.1f} GiB of {device_memory_gib:.1f} GiB; 4-bit + LoRA ~{fallback:.1f} GiB "
+        f"({verdict})",
         fits,
     )

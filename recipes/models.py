@@ -51,12 +51,14 @@ def _world_settings(name: str) -> WarmStartSettings:
     body = name[len(WORLD_PREFIX):]
     model, _, query = body.partition("?")
     if model not in WORLD_MODELS:
-        raise ModelSpecError(f"unknown arithmetic-world model {name!r}: known are {[WORLD_PREFIX + m for m in WORLD_MODELS]}")
+        known = [WORLD_PREFIX + m for m in WORLD_MODELS]
+        raise ModelSpecError(f"unknown arithmetic-world model {name!r}: known are {known}")
     fields = {f.name: f for f in dataclasses.fields(WarmStartSettings)}
     overrides = {}
     for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
         if key not in fields or key == "version":
-            raise ModelSpecError(f"{name!r}: {key!r} is not a WarmStartSettings field ({sorted(set(fields) - {'version'})})")
+            known = sorted(set(fields) - {"version"})
+            raise ModelSpecError(f"{name!r}: {key!r} is not a WarmStartSettings field ({known})")
         caster = type(fields[key].default)
         try:
             overrides[key] = caster(value)
@@ -117,7 +119,8 @@ def count_parameters(spec: ModelSpec, trust_remote_code: bool = False) -> tuple[
     stem = spec.name.rsplit("/", 1)[-1]
     moe = _MOE_SIZE.search(stem)
     if moe:
-        return int(int(moe.group(1)) * float(moe.group(2)) * 1e9), "estimated from the name (experts x size: an upper bound)"
+        experts, size = int(moe.group(1)), float(moe.group(2))
+        return int(experts * size * 1e9), "estimated from the name (experts x size: an upper bound)"
     size = _SIZE.search(stem)
     if size:
         scale = 1e9 if size.group(2).lower() == "b" else 1e6

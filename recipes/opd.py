@@ -23,7 +23,7 @@ from recipes import common, distill  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    return distill.run("opd", argv, with_teacher=True)
+    return distill.run("opd", argv)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from recipes import common, distill  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    return distill.run("opsd", argv, with_teacher=False)
+    return distill.run("opsd", argv)
 
 
 if __name__ == "__main__":

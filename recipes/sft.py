@@ -32,11 +32,10 @@ def resolve(script_args: RecipeArguments, training_args: SFTConfig, model_args: 
     def footprint(load_in_4bit: bool, use_peft: bool) -> memory.TrainingFootprint | None:
         if parameters is None:
             return None
-        return memory.TrainingFootprint(
-            parameters, student.precision_of(model_args.dtype, load_in_4bit, model_args.load_in_8bit and not load_in_4bit),
-            use_peft, teacher="none", num_processes=setup.num_processes, zero_stage=setup.zero_stage,
-            fsdp=setup.distributed == "fsdp",
-        )
+        precision = student.precision_of(model_args.dtype, load_in_4bit, model_args.load_in_8bit and not load_in_4bit)
+        return memory.TrainingFootprint(parameters, precision, use_peft, teacher="none",
+                                        num_processes=setup.num_processes, zero_stage=setup.zero_stage,
+                                        fsdp=setup.distributed == "fsdp")
 
     device, device_gib = common.device_memory(script_args, training_args)
     already_quantized = model_args.load_in_4bit and model_args.use_peft

@@ -24,7 +24,8 @@ def describe_peft(model_args: ModelConfig) -> str:
     if not model_args.use_peft:
         return "none (full fine-tuning)"
     targets = model_args.lora_target_modules or "PEFT's default for the architecture"
-    return f"LoRA r={model_args.lora_r}, alpha={model_args.lora_alpha}, dropout={model_args.lora_dropout}, targets={targets}"
+    return (f"LoRA r={model_args.lora_r}, alpha={model_args.lora_alpha}, dropout={model_args.lora_dropout}, "
+            f"targets={targets}")
 
 
 def describe(spec: models.ModelSpec, parameters: int | None, parameters_source: str,

@@ -40,7 +40,8 @@ def launch(accelerate_config: str, checkpoint: Path, out: Path) -> subprocess.Co
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1",
            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / accelerate_config),
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(REPO / "accelerate_configs" / accelerate_config),
         str(REPO / "recipes" / "opsd.py"), "--config", str(REPO / "recipes/configs/opsd_arith_cpu.yaml"),
         "--model_name_or_path", str(checkpoint), "--output_dir", str(out), "--rank_fingerprint",
         "--max_steps", "3", "--per_device_train_batch_size", "4", "--num_train_rows", "32", "--max_new_tokens", "8",
@@ -87,6 +88,6 @@ def test_two_process_deepspeed_zero2_cpu_run_agrees_with_ddp(ddp_run, tiny_check
     assert set(accelerate["forced_on_this_machine"]) == {"use_cpu", "ddp_backend"}
     # Same data, same updates: ZeRO-2's sharded optimizer ends where DDP's replicated one does.
     ddp_weights, zero2_weights = (load_file(str(folder / "model.safetensors")) for folder in (ddp_run[0], out))
-    assert ddp_weights.keys() == zero2_weights.keys()
+    assert ddp_weights.keys() <= zero2_weights.keys()  # DeepSpeed's save also writes the tied lm_head
     for name in ddp_weights:
         torch.testing.assert_close(zero2_weights[name], ddp_weights[name])

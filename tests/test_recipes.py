@@ -1,5 +1,6 @@
 """Recipes: every YAML config parses, every dry run plans offline without weights, manifests hold no secret."""
 
+import hashlib
 import json
 import socket
 import subprocess
@@ -13,10 +14,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the recipes folder is not an installed package
 
 from recipes import common, data_sources, distill, launch_env, memory, models  # noqa: E402
-from recipes import opd, opsd, sft  # noqa: E402
+from recipes import opd, opsd, sft, unified  # noqa: E402
 
 CONFIGS = sorted((REPO / "recipes" / "configs").glob("*.yaml"))
-RECIPES = {"opsd": opsd, "opd": opd, "sft": sft}
+RECIPES = {"opsd": opsd, "opd": opd, "sft": sft, "unified": unified}
 ACCELERATE = REPO / "accelerate_configs"
 
 
@@ -29,7 +30,7 @@ def parser_of(config: Path):
         from trl import ModelConfig, SFTConfig, TrlParser
 
         return TrlParser((common.RecipeArguments, SFTConfig, ModelConfig))
-    return distill.make_parser(with_teacher=recipe_of(config) is opd)
+    return distill.make_parser(config.stem.split("_", 1)[0])
 
 
 @pytest.fixture
@@ -83,7 +84,7 @@ def test_dry_run_of_every_config_plans_offline_without_loading_weights(config, t
     assert plan["student"]["name"] == yaml.safe_load(config.read_text())["model_name_or_path"]
     assert manifest["packages"]["torch"] and "commit" in manifest["git"]
     if recipe_of(config) is not sft:
-        assert plan["teacher"]["kind"] in ("self", "external")
+        assert plan["teacher"]["kind"] in ("self", "external", "none")
     if plan["data"]["source"] == "arithmetic":
         assert len(plan["data"]["fingerprint_sha256"]) == 64
 
@@ -113,7 +114,8 @@ def test_tight_memory_switches_to_4bit_lora_and_the_adapter_disabled_teacher(tmp
     assert plan["student"]["precision"].startswith("4bit") and plan["student"]["peft"].startswith("LoRA")
     assert "adapters disabled" in plan["teacher"]["what"]
     roomy = dry_run(config, tmp_path, "--use_peft", "false", "--assume_gpu_memory_gb", "80")["plan"]
-    assert roomy["memory"]["decision"] == "as configured" and roomy["teacher"]["what"].endswith("frozen copy of the initial policy")
+    assert roomy["memory"]["decision"] == "as configured"
+    assert roomy["teacher"]["what"].endswith("frozen copy of the initial policy")
     kept = dry_run(config, tmp_path, "--use_peft", "false", "--assume_gpu_memory_gb", "8",
                    "--memory_policy", "as_configured")["plan"]
     assert kept["memory"]["decision"] == "as configured" and kept["memory"]["reason"].startswith("TIGHT")
@@ -132,8 +134,8 @@ def test_memory_estimate_follows_its_documented_arithmetic():
 
 @pytest.mark.parametrize("accelerate_config", sorted(ACCELERATE.glob("*.yaml")), ids=lambda c: c.stem)
 def test_peft_self_distillation_plans_under_every_accelerate_config(accelerate_config, tmp_path, no_weights_no_network):
-    plan = dry_run(REPO / "recipes/configs/opsd_qwen3_1p7b.yaml", tmp_path, "--accelerate_config", str(accelerate_config),
-                   "--assume_gpu_memory_gb", "80")["plan"]
+    plan = dry_run(REPO / "recipes/configs/opsd_qwen3_1p7b.yaml", tmp_path, "--accelerate_config",
+                   str(accelerate_config), "--assume_gpu_memory_gb", "80")["plan"]
     expected = launch_env.from_config_file(accelerate_config)
     assert plan["accelerate"]["distributed"] == expected.distributed
     assert plan["accelerate"]["num_processes"] == expected.num_processes
@@ -207,14 +209,14 @@ def test_secret_names_are_matched_by_word():
 def test_dry_run_from_the_command_line_and_a_refusal_exit_code(tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9", "TRL_EXPERIMENTAL_SILENCE": "1",
            "PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
-    command = [sys.executable, str(REPO / "recipes/opsd.py"), "--config", str(REPO / "recipes/configs/opsd_qwen3_1p7b.yaml"),
-               "--dry_run", "--output_dir", str(tmp_path / "cli")]
+    command = [sys.executable, str(REPO / "recipes/opsd.py"), "--config",
+               str(REPO / "recipes/configs/opsd_qwen3_1p7b.yaml"), "--dry_run", "--output_dir", str(tmp_path / "cli")]
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "trl-opsd recipe plan: opsd (dry run" in done.stdout and "Qwen/Qwen3-1.7B" in done.stdout
-    refused = subprocess.run([*command[:3], str(REPO / "recipes/configs/opsd_arith_cpu.yaml"), "--dry_run",
-                              "--accelerate_config", str(ACCELERATE / "fsdp.yaml"), "--output_dir", str(tmp_path / "r")],
-                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    refusing = [*command[:3], str(REPO / "recipes/configs/opsd_arith_cpu.yaml"), "--dry_run", "--accelerate_config",
+                str(ACCELERATE / "fsdp.yaml"), "--output_dir", str(tmp_path / "r")]
+    refused = subprocess.run(refusing, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert refused.returncode == 2 and "\nerror: FSDP with a teacher" in "\n" + refused.stderr
 
 
@@ -247,9 +249,10 @@ def test_local_data_sources_and_foreign_formats(tmp_path):
 
 def test_arithmetic_rows_and_their_fingerprint_are_deterministic():
     source = data_sources.resolve_source("arithmetic", "train")
-    first = data_sources.load_rows(source, num_rows=20, seed=3)
-    assert data_sources.fingerprint(first) == data_sources.fingerprint(data_sources.load_rows(source, num_rows=20, seed=3))
-    assert data_sources.fingerprint(first) != data_sources.fingerprint(data_sources.load_rows(source, num_rows=20, seed=4))
+    def fingerprint(seed):
+        return data_sources.fingerprint(data_sources.load_rows(source, num_rows=20, seed=seed))
+
+    assert fingerprint(3) == fingerprint(3) != fingerprint(4)
 
 
 def test_model_names_resolve_without_loading(tmp_path, tiny_tokenizer):
@@ -266,3 +269,82 @@ def test_model_names_resolve_without_loading(tmp_path, tiny_tokenizer):
     count, how = models.count_parameters(models.resolve(str(tmp_path / "tiny")))
     assert count == sum(p.numel() for p in model.parameters()) and how.startswith("config.json")
     assert models.count_parameters(models.resolve("org/Some-1.7B-Instruct"))[0] == 1_700_000_000
+
+
+@pytest.mark.parametrize("preset, alpha, lam, teacher, sampler", [
+    ("sft_rs", 0.0, 1.0, "external", "teacher"),
+    ("rl_outcome", 1.0, 0.0, "none", "student"),
+    ("opd", 1.0, 1.0, "external", "student"),
+    ("opsd", 1.0, 1.0, "self", "student"),
+    ("kd", 0.0, 1.0, "external", "dataset"),
+])
+def test_unified_recipe_plans_each_row_of_the_seed_table(preset, alpha, lam, teacher, sampler, tmp_path,
+                                                         no_weights_no_network):
+    extra = ["--teacher_model_name_or_path", "arithmetic:warm?seed=1"] if teacher == "external" else []
+    plan = dry_run(REPO / "recipes/configs/unified_opsd_arith_cpu.yaml", tmp_path, "--preset", preset, *extra)["plan"]
+    loss = plan["loss"]
+    assert (loss["preset"], loss["alpha_reward_weight"], loss["lambda_distillation_weight"], loss["sampler"]) == (
+        preset, alpha, lam, sampler)
+    assert plan["teacher"]["kind"] == teacher
+    assert loss["clip"] == ("clamp at 1.0 per token, after the vocabulary sum" if preset == "opsd" else "none")
+    assert loss["on_policy_fraction_lmbda"] == (1.0 if sampler == "student" else 0.0)
+    if preset == "opsd":
+        assert "'answer'" in plan["teacher"]["privileged_context"]
+    if teacher == "external":
+        assert plan["teacher"]["privileged_context"].startswith("only rows'")  # the external teacher gets no hint
+
+
+# -- real runs, one step each, on an untrained tiny checkpoint ---------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory):
+    """(student, teacher): two tiny Llamas with the same tokenizer, saved like any local checkpoint."""
+    from harness.tiny_models import build_tiny_model, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    folders = []
+    for seed in (0, 1):
+        folder = tmp_path_factory.mktemp(f"tiny{seed}")
+        build_tiny_model(tokenizer, seed=seed).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        folders.append(str(folder))
+    return folders
+
+
+@pytest.mark.parametrize("config, extra", [
+    ("opsd_arith_cpu", []),
+    ("opd_arith_cpu", ["--teacher_model_name_or_path", "{teacher}"]),
+    ("sft_arith_cpu", []),
+    ("unified_opsd_arith_cpu", []),
+])
+def test_each_recipe_trains_and_records_its_run(config, extra, tiny_checkpoints, tmp_path):
+    student, teacher = tiny_checkpoints
+    out = tmp_path / "run"
+    argv = ["--config", str(REPO / "recipes/configs" / f"{config}.yaml"), "--model_name_or_path", student,
+            "--max_steps", "1", "--per_device_train_batch_size", "4", "--num_train_rows", "8", "--output_dir", str(out),
+            *(arg.format(teacher=teacher) for arg in extra)]
+    if not config.startswith("sft"):
+        argv += ["--max_new_tokens", "8"]
+    assert recipe_of(Path(config)).main(argv) == 0
+    manifest = json.loads((out / common.MANIFEST_NAME).read_text())
+    assert manifest["status"] == "completed" and manifest["train"]["global_step"] == 1
+    assert manifest["dataset"]["num_rows"] == 8 and len(manifest["dataset"]["fingerprint_sha256"]) == 64
+    assert (out / "model.safetensors").exists()
+
+
+def test_rs_sft_recipe_plans_then_writes_data_and_its_fingerprint(tiny_checkpoints, tmp_path, capsys):
+    from recipes import rs_sft
+
+    args = ["--model", tiny_checkpoints[0], "--num-prompts", "4", "--samples", "2", "--filter", "verifier",
+            "--judge", "none", "--max-new-tokens", "8"]
+    assert rs_sft.main(["--out", str(tmp_path / "plan"), *args, "--dry_run"]) == 0
+    plan = json.loads((tmp_path / "plan" / common.DRY_RUN_MANIFEST_NAME).read_text())["plan"]
+    assert plan["sampler"]["model"]["path"] == tiny_checkpoints[0] and plan["prompts"]["num_prompts"] == 4
+    assert not (tmp_path / "plan" / "sft.jsonl").exists()  # a dry run samples nothing
+
+    assert rs_sft.main(["--out", str(tmp_path / "data"), *args]) == 0
+    manifest = json.loads((tmp_path / "data" / common.MANIFEST_NAME).read_text())
+    assert manifest["status"] == "completed"
+    written = (tmp_path / "data" / "sft.jsonl").read_bytes()
+    assert manifest["outputs_sha256"]["sft.jsonl"] == hashlib.sha256(written).hexdigest()
+    with pytest.raises(common.RecipeError, match="--sampler teacher needs --teacher-model"):
+        rs_sft.main(["--out", str(tmp_path / "x"), "--sampler", "teacher", "--dry_run"])

@@ -120,7 +120,8 @@ def test_reward_functions_are_called_in_grpo_convention(tmp_path):
     assert seen["prompts"][0] == rows[0]["messages"][:-1] and seen["prompts"][1] == seen["prompts"][0]
     assert seen["completions"][0] == [{"role": "assistant", "content": rows[0]["messages"][-1]["content"]}]
     assert seen["answer"] == [rows[0]["answer"]] * 2 + [rows[1]["answer"]] * 2
-    assert _tokenizer().decode(seen["completion_ids"][0], skip_special_tokens=True) == rows[0]["messages"][-1]["content"]
+    decoded = _tokenizer().decode(seen["completion_ids"][0], skip_special_tokens=True)
+    assert decoded == rows[0]["messages"][-1]["content"]
     assert seen["trainer_state"] is trainer.state and "messages" in seen["other"]
     # None means "does not apply": summed over the functions that do (gold completions: math reward 1)
     torch.testing.assert_close(batch["rewards"], torch.tensor([1.0, 2.0, 2.0, 2.0]))
@@ -131,7 +132,8 @@ def test_opd_with_alpha_zero_equals_the_opsd_trainer_loss_with_the_same_external
     teacher = build_tiny_model(_tokenizer(), seed=2)
     unified = _trainer(tmp_path, rows, teacher=teacher, preset="opd", reward_weight=0.0, beta=0.5)
     reference = OPSDTrainer(model=build_tiny_model(_tokenizer(), seed=1), teacher_model=teacher,
-                            args=OPSDConfig(output_dir=str(tmp_path / "opsd"), beta=0.5, privileged_from=None, **COMMON),
+                            args=OPSDConfig(output_dir=str(tmp_path / "opsd"), beta=0.5, privileged_from=None,
+                                            **COMMON),
                             train_dataset=Dataset.from_list(rows), processing_class=_tokenizer())
     with torch.no_grad():
         ours = unified.compute_loss(unified.model, _batch(unified, rows))
@@ -313,6 +315,8 @@ def test_trainer_checks_teacher_and_reward_functions(tmp_path):
         ("no number here", None),
         ("#### 7\nThe answer is 9", "7"),
         ("The answer is 4. Wait, the answer is 6.", "6"),
+        ("#### " + "9" * 40, "9" * 40),  # longer than Decimal's default precision
+        ("#### -0", "0"),
     ],
 )
 def test_verifier_extracts_final_answers(text, expected):
@@ -443,3 +447,51 @@ def test_kd_ten_steps_through_the_trainer_lower_the_loss(tmp_path):
     with torch.no_grad():
         after = trainer.compute_loss(trainer.model, batch).item()
     assert after < 0.9 * before, (before, after)
+
+
+# -- the arithmetic world: outcome RL and OPSD each beat the warm start -------------------------------
+
+WORLD_PRESET_SETTINGS = {
+    "rl_outcome": dict(num_generations=4, per_device_train_batch_size=32, max_steps=120),
+    "opsd": dict(beta=1.0, per_device_train_batch_size=64, max_steps=150),
+}
+
+
+def _train_on_world(warm_path, preset, out_dir, **settings):
+    """A preset from the warm start on fresh train prompts; returns the saved checkpoint's path."""
+    from harness.arms import load
+
+    model, tokenizer = load(warm_path)
+    args = UnifiedConfig(
+        output_dir=str(out_dir), preset=preset, learning_rate=1e-3, lr_scheduler_type="linear", max_new_tokens=40,
+        max_prompt_length=128, logging_steps=10, save_strategy="no", report_to="none", use_cpu=True, bf16=False,
+        seed=0, geometry_steps=0, **settings,
+    )
+    rows = problems_to_rows(generate_problems(args.per_device_train_batch_size * args.max_steps, "train", seed=1))
+    trainer = UnifiedTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                             processing_class=tokenizer, reward_funcs=[math_answer_reward])
+    trainer.train()
+    trainer.save_model(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    return str(out_dir)
+
+
+@pytest.fixture(scope="module")
+def world_problems_and_baseline(warm_world):
+    from harness.arms import no_hint_correctness
+
+    problems = generate_problems(300, "test", seed=0)
+    return problems, no_hint_correctness(warm_world.path, problems)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", list(WORLD_PRESET_SETTINGS))
+def test_preset_beats_the_warm_start_on_held_out_problems(warm_world, world_problems_and_baseline, tmp_path, preset):
+    from harness.arms import no_hint_correctness
+    from harness.stats import mcnemar_test
+
+    problems, before = world_problems_and_baseline
+    path = _train_on_world(warm_world.path, preset, tmp_path / preset, **WORLD_PRESET_SETTINGS[preset])
+    after = no_hint_correctness(path, problems)
+    result = mcnemar_test(before, after)
+    assert sum(after) > sum(before) and result.pvalue < 0.05, (preset, sum(before), sum(after), result)

@@ -1,8 +1,20 @@
 """trl_opsd: on-policy (self-)distillation trainers built on TRL's GKDTrainer."""
 
+import os
+
 __version__ = "0.1.0"
 
-from trl_opsd.config import OPSDConfig
-from trl_opsd.trainer import OPSDTrainer
+# We subclass trl.experimental.gkd on purpose; its import-time "experimental" warning is noise for our users.
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-__all__ = ["OPSDConfig", "OPSDTrainer", "__version__"]
+_LAZY = {"OPSDConfig": "trl_opsd.config", "OPSDTrainer": "trl_opsd.trainer"}
+__all__ = [*_LAZY, "__version__"]
+
+
+def __getattr__(name):
+    # Lazy, so light modules (trl_opsd.verify, trl_opsd.losses) import without the trainer stack.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'trl_opsd' has no attribute {name!r}")

@@ -105,7 +105,7 @@ class UnifiedConfig(OPSDConfig):
 
     preset: str | None = field(default=None, metadata={"help": f"One of {tuple(PRESETS)}."})
     reward_weight: float | None = field(default=None, metadata={"help": "alpha: weight of the REINFORCE term."})
-    distillation_weight: float | None = field(default=None, metadata={"help": "lambda: weight of the distillation term."})
+    distillation_weight: float | None = field(default=None, metadata={"help": "lambda: weight of distillation."})
     teacher_kind: str | None = field(default=None, metadata={"help": f"One of {TEACHER_KINDS}."})
     sampler: str | None = field(default=None, metadata={"help": f"One of {SAMPLERS}."})
     num_generations: int = field(default=1, metadata={"help": "Samples per prompt (leave-one-out baseline if > 1)."})
@@ -412,7 +412,8 @@ class UnifiedTrainer(OPSDTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if "completion_source" not in inputs:  # evaluation: dataset completions if present, else the sampler's
-            source = "dataset" if "completions" in inputs else ("teacher" if self.args.sampler == "teacher" else "student")
+            sampled = "teacher" if self.args.sampler == "teacher" else "student"
+            source = "dataset" if "completions" in inputs else sampled
             inputs = self._attach_completions(inputs, source)
         if "advantages" not in inputs:  # evaluation: the micro-batch is its own window
             inputs = self._score(inputs)

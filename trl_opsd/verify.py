@@ -34,7 +34,7 @@ def normalize_number(text: str) -> str | None:
     if not value.is_finite():
         return None
     if value == value.to_integral_value():
-        return str(value.quantize(Decimal(1)))
+        return str(int(value))  # not quantize(): that raises past 28 digits, which models do write
     return format(value.normalize(), "f")
 
 

@@ -1,0 +1,238 @@
+"""``trl-opsd doctor``: the seed notebook's section-0 preflight as a command.
+
+It reports the torch build and the device and dtype runs will use, the GPUs and their memory,
+bitsandbytes (import, a real 4-bit layer on the device, and transformers' ``is_bitsandbytes_available()``
+verdict, whose ``lru_cache`` goes stale when bitsandbytes is installed into a running process),
+DeepSpeed and vLLM, and, given ``--student`` and ``--teacher``, whether their tokenizers map text to the
+same ids (per-token divergences are undefined otherwise).
+
+Every problem names its cause and its fix. By default only what every run needs can fail, so a
+CPU-only laptop passes; ``--require-gpu``, ``--require-4bit``, ``--require-deepspeed``, ``--require-vllm``
+and ``--min-vram-gb`` turn the corresponding warnings into failures. The exit code is 1 when anything
+failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+from dataclasses import asdict, dataclass
+from importlib import metadata
+
+SEED_MIN_BITSANDBYTES = "0.43.1"  # the seed notebook's pin (section 0)
+GIB = 1024**3
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # "ok" | "warn" | "fail"
+    detail: str
+    cause: str | None = None
+    fix: str | None = None
+
+
+def _problem(name: str, required: bool, detail: str, cause: str, fix: str) -> Check:
+    return Check(name, "fail" if required else "warn", detail, cause, fix)
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+# -- checks -------------------------------------------------------------------------------------------
+def check_torch() -> Check:
+    import torch
+
+    build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build"
+    if torch.cuda.is_available():
+        device = "cuda:0"
+        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    else:
+        device, dtype = "cpu", "float32 (set bf16: false in CPU configs)"
+    return Check("torch", "ok", f"torch {torch.__version__}, {build}; runs use device {device}, dtype {dtype}")
+
+
+def check_gpu(require_gpu: bool, min_vram_gb: float | None) -> Check:
+    import torch
+
+    if not torch.cuda.is_available():
+        if torch.version.cuda is None:
+            cause = "this torch is a CPU-only build (torch.version.cuda is None)"
+            fix = ("install a CUDA build of torch, e.g. pip install torch --index-url "
+                   "https://download.pytorch.org/whl/cu126")
+        else:
+            cause = (f"torch is a CUDA {torch.version.cuda} build but sees no device (CUDA_VISIBLE_DEVICES="
+                     f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')})")
+            fix = "check the driver with nvidia-smi, the container's GPU access, and CUDA_VISIBLE_DEVICES"
+        return _problem("gpu", require_gpu or min_vram_gb is not None, "no GPU visible: CPU runs only", cause, fix)
+    gpus = []
+    for index in range(torch.cuda.device_count()):
+        properties = torch.cuda.get_device_properties(index)
+        gpus.append((properties.total_memory / GIB, f"cuda:{index} {properties.name} "
+                     f"{properties.total_memory / GIB:.1f} GiB (sm_{properties.major}{properties.minor})"))
+    detail = "; ".join(text for _, text in gpus)
+    largest = max(memory for memory, _ in gpus)
+    if min_vram_gb is not None and largest < min_vram_gb:
+        return _problem("gpu", True, detail,
+                        f"the largest GPU has {largest:.1f} GiB, below --min-vram-gb {min_vram_gb}",
+                        "use a bigger GPU, or let the recipes fall back to 4-bit + LoRA (memory_policy: auto)")
+    return Check("gpu", "ok", detail)
+
+
+def check_bitsandbytes(require_4bit: bool) -> Check:
+    """Import bitsandbytes and run one real 4-bit layer on the device runs will use."""
+    fix = f"pip install -U 'bitsandbytes>={SEED_MIN_BITSANDBYTES}' (the project pins >=0.45), then restart Python"
+    try:
+        import bitsandbytes as bnb
+    except Exception as error:  # a broken wheel raises anything from ImportError to OSError / RuntimeError
+        return _problem("bitsandbytes", require_4bit, "import failed", f"{type(error).__name__}: {error}", fix)
+    from packaging.version import Version
+
+    if Version(bnb.__version__) < Version(SEED_MIN_BITSANDBYTES):
+        return _problem("bitsandbytes", require_4bit, f"bitsandbytes {bnb.__version__}",
+                        f"older than {SEED_MIN_BITSANDBYTES}, which current transformers needs for 4-bit", fix)
+    import torch
+
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    try:
+        layer = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32, quant_type="nf4").to(device)
+        output = layer(torch.ones(2, 64, device=device))
+        if not torch.isfinite(output).all():
+            raise RuntimeError("the 4-bit layer returned non-finite values")
+    except Exception as error:
+        return _problem("bitsandbytes", require_4bit, f"bitsandbytes {bnb.__version__} imports",
+                        f"its 4-bit kernels failed on {device}: {type(error).__name__}: {error}",
+                        "reinstall a bitsandbytes wheel built for this torch / CUDA (" + fix + ")")
+    return Check("bitsandbytes", "ok", f"bitsandbytes {bnb.__version__}: a 4-bit NF4 layer runs on {device}")
+
+
+def check_transformers_verdict(require_4bit: bool) -> Check:
+    """transformers' own answer, which decides whether ``BitsAndBytesConfig`` loads work."""
+    from transformers.utils import import_utils
+
+    verdict = import_utils.is_bitsandbytes_available()
+    if verdict:
+        return Check("transformers_bnb", "ok", "transformers.utils.is_bitsandbytes_available() is True")
+    installed = _version("bitsandbytes")
+    if installed and hasattr(import_utils.is_bitsandbytes_available, "cache_clear"):
+        import_utils.is_bitsandbytes_available.cache_clear()
+        if import_utils.is_bitsandbytes_available():
+            return _problem("transformers_bnb", require_4bit,
+                            "is_bitsandbytes_available() was False, True after clearing its cache",
+                            "stale lru_cache: transformers checked before bitsandbytes was installed",
+                            "restart the Python process (or notebook kernel) so transformers re-imports bitsandbytes")
+    if not installed:
+        return _problem("transformers_bnb", require_4bit, "is_bitsandbytes_available() is False",
+                        "bitsandbytes is not installed", "pip install 'trl-opsd[quant]'")
+    minimum = getattr(import_utils, "BITSANDBYTES_MIN_VERSION", "?")
+    return _problem("transformers_bnb", require_4bit, "is_bitsandbytes_available() is False",
+                    f"bitsandbytes {installed} is below transformers' minimum {minimum}",
+                    f"pip install -U 'bitsandbytes>={minimum}', then restart Python")
+
+
+def check_deepspeed(require: bool) -> Check:
+    fix = "pip install 'trl-opsd[deepspeed]' (deepspeed from PyPI; CPU runs use its CPU accelerator and gloo)"
+    if importlib.util.find_spec("deepspeed") is None:
+        return _problem("deepspeed", require, "not installed", "the deepspeed package is absent", fix)
+    try:
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        accelerator = get_accelerator()
+        detail = (f"deepspeed {deepspeed.__version__}, accelerator {accelerator.device_name()}, "
+                  f"communication backend {accelerator.communication_backend_name()}")
+    except Exception as error:
+        return _problem("deepspeed", require, "installed but does not import", f"{type(error).__name__}: {error}", fix)
+    return Check("deepspeed", "ok", detail)
+
+
+def check_vllm(require: bool) -> Check:
+    """Presence only: importing vLLM initialises CUDA, which a preflight should not do."""
+    version = _version("vllm") if importlib.util.find_spec("vllm") is not None else None
+    if version is None:
+        return _problem("vllm", require, "not installed", "the vllm package is absent",
+                        "pip install vllm on a GPU machine; serve a teacher with `vllm serve <model>` and point "
+                        "recipes/opd.py at it with teacher_api_base")
+    return Check("vllm", "ok", f"vllm {version} installed")
+
+
+def check_tokenizer_match(student: str | None, teacher: str | None) -> Check | None:
+    if student is None and teacher is None:
+        return None
+    if student is None or teacher is None:
+        return Check("tokenizers", "fail", "one tokenizer given", "the match needs both --student and --teacher",
+                     "pass both paths (or hub ids)")
+    from transformers import AutoTokenizer
+
+    from trl_opsd.teachers.local import check_same_tokenizer
+
+    loaded = {}
+    for role, name in (("student", student), ("teacher", teacher)):
+        try:
+            loaded[role] = AutoTokenizer.from_pretrained(name)
+        except Exception as error:
+            return Check("tokenizers", "fail", f"cannot load the {role} tokenizer {name!r}",
+                         f"{type(error).__name__}: {error}",
+                         "check the path; offline (HF_HUB_OFFLINE=1) only local folders and cached hub models load")
+    try:
+        check_same_tokenizer(loaded["student"], loaded["teacher"])
+    except ValueError as error:
+        return Check("tokenizers", "fail", f"{student} vs {teacher}", str(error),
+                     "use a teacher from the student's family (same token ids), or a server teacher with "
+                     "divergence topk/sampled; dense per-token KL needs one vocabulary")
+    size = len(loaded["student"])
+    return Check("tokenizers", "ok", f"{student} and {teacher} map text to the same ids ({size} tokens)")
+
+
+def run_checks(require_gpu: bool = False, require_4bit: bool = False, require_deepspeed: bool = False,
+               require_vllm: bool = False, min_vram_gb: float | None = None, student: str | None = None,
+               teacher: str | None = None) -> list[Check]:
+    checks = [
+        check_torch(),
+        check_gpu(require_gpu, min_vram_gb),
+        check_bitsandbytes(require_4bit),
+        check_transformers_verdict(require_4bit),
+        check_deepspeed(require_deepspeed),
+        check_vllm(require_vllm),
+        check_tokenizer_match(student, teacher),
+    ]
+    return [check for check in checks if check is not None]
+
+
+# -- command line -------------------------------------------------------------------------------------
+def render(checks: list[Check]) -> str:
+    lines = ["trl-opsd doctor"]
+    for check in checks:
+        lines.append(f"  [{check.status:^4}] {check.name:<17} {check.detail}")
+        if check.cause:
+            lines.append(f"{'':26}cause: {check.cause}")
+        if check.fix:
+            lines.append(f"{'':26}fix:   {check.fix}")
+    failures = sum(c.status == "fail" for c in checks)
+    warnings = sum(c.status == "warn" for c in checks)
+    lines.append(f"result: {failures} failure(s), {warnings} warning(s)")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--require-gpu", action="store_true", help="fail when no CUDA GPU is visible")
+    parser.add_argument("--require-4bit", action="store_true", help="fail unless bitsandbytes 4-bit works here")
+    parser.add_argument("--require-deepspeed", action="store_true", help="fail unless DeepSpeed imports")
+    parser.add_argument("--require-vllm", action="store_true", help="fail unless vLLM is installed")
+    parser.add_argument("--min-vram-gb", type=float, default=None, help="fail unless a GPU has at least this much")
+    parser.add_argument("--student", default=None, help="student model/tokenizer path or hub id")
+    parser.add_argument("--teacher", default=None, help="teacher model/tokenizer path or hub id")
+    parser.add_argument("--json", action="store_true", help="print the checks as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    checks = run_checks(args.require_gpu, args.require_4bit, args.require_deepspeed, args.require_vllm,
+                        args.min_vram_gb, args.student, args.teacher)
+    print(json.dumps([asdict(c) for c in checks], indent=2) if args.json else render(checks))
+    return 1 if any(c.status == "fail" for c in checks) else 0
