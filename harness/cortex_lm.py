@@ -98,12 +98,10 @@ class CortexLM(LM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """One Cortex completion per request; requests that share settings go out together, concurrently."""
         groups: dict[tuple[int, float], list[int]] = defaultdict(list)
-        chats, stops = [], []
+        chats, stops, ignored = [], [], set()
         for index, request in enumerate(requests):
             context, gen_kwargs = request.args[0], dict(request.args[1])
-            ignored = sorted(set(gen_kwargs) - _USED_GEN_KWARGS)
-            if ignored:
-                logger.warning("cortex: generation settings not supported by Cortex, ignored: %s", ", ".join(ignored))
+            ignored |= set(gen_kwargs) - _USED_GEN_KWARGS
             chats.append(json.loads(context.prompt) if isinstance(context, JsonChatStr)
                          else [{"role": "user", "content": context}])
             until = gen_kwargs.get("until") or []
@@ -111,6 +109,8 @@ class CortexLM(LM):
             # lm-eval's convention (as in its HF model): greedy unless do_sample is set.
             temperature = float(gen_kwargs.get("temperature", 1.0)) if gen_kwargs.get("do_sample") else 0.0
             groups[(int(gen_kwargs.get("max_gen_toks", self.max_gen_toks)), temperature)].append(index)
+        if ignored:
+            logger.warning("cortex: generation settings Cortex does not take, ignored: %s", ", ".join(sorted(ignored)))
         texts: list[str | None] = [None] * len(requests)
         for (max_tokens, temperature), indices in groups.items():
             generations = self.teacher.generate([chats[i] for i in indices], max_tokens=max_tokens,
