@@ -46,6 +46,17 @@ class Arm:
     teacher_path: str | None = None  # an external in-process teacher (OPD); None = self-teacher
 
 
+# The OPSD arms of issue 3's table and the demo, by name: loss overrides on top of the trainer's defaults.
+OPSD_ARMS = {
+    "opsd_reverse_kl": {"beta": 1.0},
+    "opsd_jsd0.5": {"beta": 0.5},
+    "opsd_forward_kl": {"beta": 0.0},
+    "opsd_forward_kl_clamp1.0": {"beta": 0.0, "kl_clip": 1.0, "kl_clip_mode": "clamp"},
+    "opsd_forward_kl_clamp0.3": {"beta": 0.0, "kl_clip": 0.3, "kl_clip_mode": "clamp"},
+    "opsd_forward_kl_scale0.3": {"beta": 0.0, "kl_clip": 0.3, "kl_clip_mode": "scale"},
+}
+
+
 def load(path: str):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
 
@@ -108,3 +119,35 @@ def no_hint_correctness(path: str, problems: list[Problem], batch_size: int = 12
     model, tokenizer = load(path)
     texts = generate_texts(model, tokenizer, [p.to_row()["messages"] for p in problems], batch_size=batch_size)
     return score_answers(texts, [p.answer for p in problems])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m harness.arms ARM[,ARM...] STEPS [OUT]``: train OPSD arms from the warm start and print,
+    per arm, held-out no-hint accuracy on 300 paired test problems with its Wilson CI and exact McNemar p."""
+    import sys
+    import time
+
+    from harness.stats import mcnemar_test, wilson_interval
+    from harness.warm_start import warm_start
+
+    names, steps, *rest = sys.argv[1:] if argv is None else argv
+    out_dir = rest[0] if rest else "runs/arms"
+    world = warm_start()
+    problems = generate_problems(300, "test")
+    start = no_hint_correctness(world.path, problems)
+    print(json.dumps({"arm": "start", "accuracy": sum(start) / len(start)}), flush=True)
+    for name in names.split(","):
+        started = time.perf_counter()
+        path, history = train_arm(Arm(name, OPSD_ARMS[name]), world.path, out_dir, int(steps))
+        after = no_hint_correctness(path, problems)
+        test = mcnemar_test(start, after)
+        logged = [row for row in history if "kl_max_over_mean" in row]
+        print(json.dumps({
+            "arm": name, "accuracy": sum(after) / len(after), "wilson95": wilson_interval(sum(after), len(after)),
+            "up": test.b01, "down": test.b10, "mcnemar_p": test.pvalue, "seconds": round(time.perf_counter() - started),
+            "final_completion_length": logged[-1]["completion_length"] if logged else None,
+        }, default=float), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from harness import compare
-from harness.arms import Arm, train_arm, train_sft
+from harness.arms import OPSD_ARMS, Arm, train_arm, train_sft
 from harness.warm_start import warm_start
 
 logger = logging.getLogger(__name__)
@@ -46,12 +46,9 @@ class DemoSettings:
 
 def demo_arms(teacher_path: str) -> list[Arm]:
     """The arms of the demo. Reverse KL is the default OPSD configuration (see the README for why)."""
-    return [
-        Arm("opsd_reverse_kl", {"beta": 1.0}),
-        Arm("opsd_forward_kl", {"beta": 0.0}),
-        Arm("opsd_forward_kl_clamp0.3", {"beta": 0.0, "kl_clip": 0.3, "kl_clip_mode": "clamp"}),
-        Arm("opsd_forward_kl_scale0.3", {"beta": 0.0, "kl_clip": 0.3, "kl_clip_mode": "scale"}),
-        Arm("opd_reverse_kl", {"beta": 1.0, "privileged_from": None}, teacher_path=teacher_path),
+    names = ["opsd_reverse_kl", "opsd_forward_kl", "opsd_forward_kl_clamp0.3", "opsd_forward_kl_scale0.3"]
+    return [Arm(name, dict(OPSD_ARMS[name])) for name in names] + [
+        Arm("opd_reverse_kl", {"beta": 1.0, "privileged_from": None}, teacher_path=teacher_path)
     ]
 
 
@@ -153,7 +150,3 @@ def run(args: argparse.Namespace) -> int:
     settings = DemoSettings.quick() if args.quick else DemoSettings()
     run_demo(Path(args.out), settings)
     return 0
-
-
-HELP = "run the whole story offline on CPU: warm start, OPSD/OPD arms, lm-eval, paired comparison"
-SUBCOMMAND = (HELP, add_arguments, run)

@@ -28,9 +28,9 @@ Two caches, two jobs:
   write; it never holds aggregated scores.
 
 Ensembles: ``samples=n`` asks for ``n`` replies at ``temperature`` and takes the majority vote per step
-(a tie counts as 0, the conservative side); with probabilities the per-step mean is used and the vote is
-``mean >= 0.5``. The seed's decision rule suggests ``samples=3, temperature=0.5`` for judges with AUROC in
-0.70-0.85.
+(a tie counts as 0, the conservative side). With probabilities, a step's score is its mean probability over
+the replies (what the aggregations use) and its verdict the majority of ``p >= 0.5``. The seed's decision
+rule suggests ``samples=3, temperature=0.5`` for judges with AUROC in 0.70-0.85.
 """
 
 from __future__ import annotations

@@ -413,7 +413,8 @@ def _usable(sweep: dict[str, list[dict]]) -> dict[str, Any]:
     of that precision clears 0.95 (the point estimate can clear it on few samples by luck)."""
     rows = [(agg, row) for agg, table in sweep.items() for row in table]
     hits = [(agg, row) for agg, row in rows
-            if (row["precision"]["value"] or 0.0) > USABLE_PRECISION and (row["recall"]["value"] or 0.0) > USABLE_RECALL]
+            if (row["precision"]["value"] or 0.0) > USABLE_PRECISION
+            and (row["recall"]["value"] or 0.0) > USABLE_RECALL]
     pool = hits or rows
     agg, best = max(pool, key=lambda item: (item[1]["f1"], item[1]["tau"]))
     return {"found": bool(hits), "aggregation": agg, "tau": best["tau"], "precision": best["precision"]["value"],
@@ -451,7 +452,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                   f"{report['empty_completions']} empty completions (both score 0).", ""]
     if "tau_sweep" in report:
         lines += ["## PRM filter vs the verifier (tau sweep; consecutive taus with the same decisions merged)", "",
-                  "| agg | tau | accepted | precision [95% Wilson] | recall [95% Wilson] | F1 |", "|---|---|---|---|---|---|"]
+                  "| agg | tau | accepted | precision [95% Wilson] | recall [95% Wilson] | F1 |",
+                  "|---|---|---|---|---|---|"]
         for agg, table in report["tau_sweep"].items():
             for first, last in _merge_runs(table):
                 tau = f"{first['tau']:.1f}" if first is last else f"{first['tau']:.1f}-{last['tau']:.1f}"

@@ -139,7 +139,8 @@ def warm_start(
         fcntl.flock(lock, fcntl.LOCK_EX)
         result_file = out_dir / "warm_start.json"
         if result_file.exists() and not force:
-            return WarmStartResult(**json.loads(result_file.read_text()))
+            # The folder it was found in wins over the recorded path: caches get copied and moved.
+            return WarmStartResult(**{**json.loads(result_file.read_text()), "path": str(out_dir)})
         return _train_and_evaluate(settings, out_dir)
 
 
