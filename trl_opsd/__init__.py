@@ -7,7 +7,12 @@ __version__ = "0.1.0"
 # We subclass trl.experimental.gkd on purpose; its import-time "experimental" warning is noise for our users.
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-_LAZY = {"OPSDConfig": "trl_opsd.config", "OPSDTrainer": "trl_opsd.trainer"}
+_LAZY = {
+    "OPSDConfig": "trl_opsd.config",
+    "OPSDTrainer": "trl_opsd.trainer",
+    "UnifiedConfig": "trl_opsd.unified",
+    "UnifiedTrainer": "trl_opsd.unified",
+}
 __all__ = [*_LAZY, "__version__"]
 
 
