@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers.trainer_callback import PrinterCallback
 from trl import SFTConfig, SFTTrainer
 
 from harness.arithmetic import Problem, generate_problems, problems_to_rows
@@ -49,6 +50,8 @@ class Arm:
 # The OPSD arms of issue 3's table and the demo, by name: loss overrides on top of the trainer's defaults.
 OPSD_ARMS = {
     "opsd_reverse_kl": {"beta": 1.0},
+    "opsd_reverse_kl_clamp1.0": {"beta": 1.0, "kl_clip": 1.0, "kl_clip_mode": "clamp"},
+    "opsd_reverse_kl_scale1.0": {"beta": 1.0, "kl_clip": 1.0, "kl_clip_mode": "scale"},
     "opsd_jsd0.5": {"beta": 0.5},
     "opsd_forward_kl": {"beta": 0.0},
     "opsd_forward_kl_clamp1.0": {"beta": 0.0, "kl_clip": 1.0, "kl_clip_mode": "clamp"},
@@ -57,20 +60,40 @@ OPSD_ARMS = {
 }
 
 
+class ProgressLines(TrainerCallback):
+    """One short line per logging step, for runs side by side whose progress bars would interleave."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            print(f"  {self.name}: step {state.global_step}/{state.max_steps}, loss {logs['loss']:.4g}", flush=True)
+
+
+def _quiet(trainer, name: str) -> None:
+    """Replace the progress bar (and the log printer that replaces it) by ``ProgressLines``."""
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(ProgressLines(name))
+
+
 def load(path: str):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
 
 
-def train_arm(arm: Arm, start_path: str, out_dir: str | Path, max_steps: int, seed: int = 0) -> tuple[str, list]:
+def train_arm(
+    arm: Arm, start_path: str, out_dir: str | Path, max_steps: int, seed: int = 0, quiet: bool = False
+) -> tuple[str, list]:
     """Train ``arm`` from ``start_path``; returns (checkpoint path, the trainer's log history).
 
     A finished arm (its checkpoint and log written) is reused, so a killed demo resumes where it stopped.
+    ``quiet`` prints a line per logging step instead of a progress bar.
     """
     out_dir = Path(out_dir) / arm.name
     if (out_dir / "log_history.json").exists():
         return str(out_dir), json.loads((out_dir / "log_history.json").read_text())
     model, tokenizer = load(start_path)
-    values = {**WORLD_TRAINING_DEFAULTS, "max_steps": max_steps, "seed": seed, **arm.overrides}
+    values = {**WORLD_TRAINING_DEFAULTS, "max_steps": max_steps, "seed": seed, "disable_tqdm": quiet, **arm.overrides}
     args = OPSDConfig(output_dir=str(out_dir), **values)
     prompts = generate_problems(args.per_device_train_batch_size * max_steps, "train", seed=seed + 1)
     teacher = load(arm.teacher_path)[0] if arm.teacher_path else None
@@ -82,6 +105,8 @@ def train_arm(arm: Arm, start_path: str, out_dir: str | Path, max_steps: int, se
         processing_class=tokenizer,
         teacher_processing_class=AutoTokenizer.from_pretrained(arm.teacher_path) if arm.teacher_path else None,
     )
+    if quiet:
+        _quiet(trainer, arm.name)
     trainer.train()
     trainer.save_model(str(out_dir))
     tokenizer.save_pretrained(out_dir)
@@ -89,11 +114,14 @@ def train_arm(arm: Arm, start_path: str, out_dir: str | Path, max_steps: int, se
     return str(out_dir), trainer.state.log_history
 
 
-def train_sft(start_path: str, out_dir: str | Path, max_steps: int, seed: int = 0) -> str:
+def train_sft(start_path: str, out_dir: str | Path, max_steps: int, seed: int = 0, quiet: bool = False) -> str:
     """Plain SFT on gold worked solutions from ``start_path`` (no hints): the supervised reference point,
-    and a stronger separate teacher for OPD."""
+    and a stronger separate teacher for OPD.
+
+    Like ``train_arm``, a finished run (its log written after the weights) is reused.
+    """
     out_dir = Path(out_dir)
-    if (out_dir / "config.json").exists():
+    if (out_dir / "log_history.json").exists():
         return str(out_dir)
     model, tokenizer = load(start_path)
     batch = WORLD_TRAINING_DEFAULTS["per_device_train_batch_size"]
@@ -105,12 +133,15 @@ def train_sft(start_path: str, out_dir: str | Path, max_steps: int, seed: int = 
     args = SFTConfig(
         output_dir=str(out_dir), per_device_train_batch_size=batch, max_steps=max_steps, learning_rate=1e-3,
         lr_scheduler_type="linear", logging_steps=10, save_strategy="no", report_to="none", use_cpu=True,
-        bf16=False, seed=seed, max_length=256,
+        bf16=False, seed=seed, max_length=256, disable_tqdm=quiet,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    if quiet:
+        _quiet(trainer, out_dir.name)
     trainer.train()
     trainer.save_model(str(out_dir))
     tokenizer.save_pretrained(out_dir)
+    (out_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     return str(out_dir)
 
 

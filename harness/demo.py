@@ -1,9 +1,10 @@
 """``trl-opsd demo``: the whole story offline on CPU, on the arithmetic world.
 
 1. build and warm-start the world (cached): a tiny model mediocre without the hint, strong with it;
-2. train arms from that same start on the same prompts: OPSD with reverse KL (the default), OPSD with
-   forward KL unclipped / clamped / scaled, and OPD from a stronger separate teacher (plain SFT on the
-   gold solutions, also reported as the supervised reference point);
+2. train arms from that same start on the same prompts, side by side in worker processes: OPSD in its
+   default configuration (reverse KL, no clip), the same with the per-token clip in ``clamp`` and in
+   ``scale`` mode, and OPD from a stronger separate teacher (plain SFT on the gold solutions, also
+   reported as the supervised reference point);
 3. evaluate every arm, without the hint, through the ``opsd_arith`` lm-eval task (the stock lm-eval
    machinery, with ``--log_samples``);
 4. compare the runs pairwise (Wilson CIs, exact McNemar, bootstrap gap, difficulty buckets) and report
@@ -19,11 +20,15 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from harness import compare
 from harness.arms import OPSD_ARMS, Arm, train_arm, train_sft
+from harness.parallel import plan_workers, process_pool, subprocess_env
 from harness.warm_start import warm_start
 
 logger = logging.getLogger(__name__)
@@ -46,13 +51,13 @@ class DemoSettings:
 
 def demo_arms(teacher_path: str) -> list[Arm]:
     """The arms of the demo. Reverse KL is the default OPSD configuration (see the README for why)."""
-    names = ["opsd_reverse_kl", "opsd_forward_kl", "opsd_forward_kl_clamp0.3", "opsd_forward_kl_scale0.3"]
+    names = ["opsd_reverse_kl", "opsd_reverse_kl_clamp1.0", "opsd_reverse_kl_scale1.0"]
     return [Arm(name, dict(OPSD_ARMS[name])) for name in names] + [
         Arm("opd_reverse_kl", {"beta": 1.0, "privileged_from": None}, teacher_path=teacher_path)
     ]
 
 
-def evaluate_with_lm_eval(model_path: str, out_dir: Path, limit: int) -> Path:
+def evaluate_with_lm_eval(model_path: str, out_dir: Path, limit: int, env: dict | None = None) -> Path:
     """Run the opsd_arith lm-eval task on ``model_path`` (greedy, no hint) with per-sample logs."""
     command = [
         sys.executable, "-m", "harness.cli", "eval", "--model", "hf",
@@ -60,7 +65,7 @@ def evaluate_with_lm_eval(model_path: str, out_dir: Path, limit: int) -> Path:
         "--apply_chat_template", "--log_samples", "--output_path", str(out_dir),
         "--device", "cpu", "--batch_size", "64", "--limit", str(limit),
     ]
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=env)
     return out_dir
 
 
@@ -74,28 +79,57 @@ def _concentration(log_history: list[dict]) -> dict:
     return summary
 
 
+def train_all_arms(world_path: str, out_dir: Path, settings: DemoSettings) -> tuple[dict, dict]:
+    """Train the OPD teacher and every arm, side by side in worker processes; returns (checkpoints, logs).
+
+    OPD starts once its teacher (SFT on gold solutions) is trained; the OPSD arms need nothing but the start.
+    """
+    checkpoints_dir = out_dir / "checkpoints"
+    teacher_dir = checkpoints_dir / "sft_gold"
+    arms = demo_arms(str(teacher_dir))
+    for arm in arms:
+        arm.overrides.setdefault("per_device_train_batch_size", settings.batch_size)
+    self_arms, teacher_arms = [a for a in arms if a.teacher_path is None], [a for a in arms if a.teacher_path]
+    histories = {}
+    with process_pool(len(arms)) as pool, tqdm(total=len(arms) + 1, desc="[2/4] training arms") as bar:
+        teacher_future = pool.submit(train_sft, world_path, teacher_dir, settings.teacher_sft_steps,
+                                     settings.seed, quiet=True)
+        futures = {pool.submit(train_arm, arm, world_path, checkpoints_dir, settings.steps_per_arm,
+                               settings.seed, quiet=True): arm.name for arm in self_arms}
+        teacher_path = teacher_future.result()
+        bar.update()
+        futures.update({pool.submit(train_arm, arm, world_path, checkpoints_dir, settings.steps_per_arm,
+                                    settings.seed, quiet=True): arm.name for arm in teacher_arms})
+        for future in as_completed(futures):
+            path, history = future.result()
+            histories[futures[future]] = (path, history)
+            bar.update()
+    checkpoints = {"start": world_path, "sft_gold (OPD teacher)": teacher_path}
+    checkpoints.update({arm.name: histories[arm.name][0] for arm in arms})
+    return checkpoints, {arm.name: histories[arm.name][1] for arm in arms}
+
+
+def evaluate_all(checkpoints: dict, out_dir: Path, limit: int) -> list[Path]:
+    """lm-eval every checkpoint, as concurrent subprocesses with the cores shared between them."""
+    workers, _ = plan_workers(len(checkpoints))
+    env = subprocess_env(len(checkpoints))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(evaluate_with_lm_eval, path, out_dir / "lm_eval" / name.split(" ")[0], limit, env)
+                   for name, path in checkpoints.items()]
+        for _ in tqdm(as_completed(futures), total=len(futures), desc=f"[3/4] lm-eval opsd_arith ({limit} problems)"):
+            pass
+        return [future.result() for future in futures]
+
+
 def run_demo(out_dir: Path, settings: DemoSettings) -> dict:
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     world = warm_start()
     print(f"[1/4] warm start: {world.no_hint_accuracy:.1%} without the hint, {world.hint_accuracy:.1%} with it "
           f"({world.num_eval_problems} held-out problems, {world.steps} steps)")
-
-    teacher_path = train_sft(world.path, out_dir / "checkpoints" / "sft_gold", settings.teacher_sft_steps,
-                             seed=settings.seed)
-    checkpoints = {"start": world.path, "sft_gold (OPD teacher)": teacher_path}
-    concentration = {}
-    for arm in demo_arms(teacher_path):
-        arm.overrides.setdefault("per_device_train_batch_size", settings.batch_size)
-        print(f"[2/4] training {arm.name} ({settings.steps_per_arm} steps)")
-        path, history = train_arm(arm, world.path, out_dir / "checkpoints", settings.steps_per_arm, settings.seed)
-        checkpoints[arm.name] = path
-        concentration[arm.name] = _concentration(history)
-
-    runs = []
-    for name, path in checkpoints.items():
-        print(f"[3/4] evaluating {name} with lm-eval (opsd_arith, {settings.eval_limit} problems)")
-        runs.append(evaluate_with_lm_eval(path, out_dir / "lm_eval" / name.split(" ")[0], settings.eval_limit))
+    checkpoints, histories = train_all_arms(world.path, out_dir, settings)
+    concentration = {name: _concentration(history) for name, history in histories.items()}
+    runs = evaluate_all(checkpoints, out_dir, settings.eval_limit)
 
     print("[4/4] paired comparison")
     report = compare.compare(runs, list(checkpoints), settings=compare.Settings(bucket_edges=(1, 2)))

@@ -11,6 +11,7 @@ from harness.arithmetic import generate_problems, hinted_messages, problems_to_r
 from harness.tiny_models import build_tiny_model
 from trl_opsd import OPSDConfig, OPSDTrainer
 from trl_opsd.collator import OPSDCollator
+from trl_opsd.teachers.local import completion_logits
 
 
 def _config(tmp_path, **overrides):
@@ -76,7 +77,6 @@ def test_teacher_and_student_are_aligned_by_completion_position(tiny_tokenizer, 
     inputs = _attach_dataset_completions(trainer, rows)
     assert len({len(v) for v in [r["messages"][0]["content"] for r in rows]}) > 1  # prompts really differ
     assert inputs["teacher_prompts"].shape[1] > inputs["prompts"].shape[1]
-    from trl_opsd.teachers.local import completion_logits
 
     num = inputs["completions"].shape[1]
     ids = torch.cat([inputs["teacher_prompts"], inputs["completions"]], 1)
@@ -156,6 +156,27 @@ def test_frozen_self_teacher_without_peft_is_a_frozen_copy(tiny_tokenizer, tmp_p
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not all(torch.equal(before[k], trainer.model.state_dict()[k]) for k in before)
     assert not any(p.requires_grad for p in trainer.teacher_model.parameters())
+
+
+@pytest.mark.parametrize("self_teacher", ["frozen", "ema"])
+def test_self_teacher_outputs_do_not_follow_the_students_weights(tiny_tokenizer, tmp_path, self_teacher):
+    """Regression: SFTTrainer patches ``model.forward`` with a closure over the student, and a deep copy kept
+    that closure, so the "frozen" teacher computed with the student's weights (its own weights untouched)."""
+    trainer = OPSDTrainer(model=build_tiny_model(tiny_tokenizer, seed=6),
+                          args=_config(tmp_path, self_teacher=self_teacher),
+                          train_dataset=Dataset.from_list(_rows(8)), processing_class=tiny_tokenizer)
+    ids = torch.tensor([tiny_tokenizer("Mia has 12 apples.\n#### 14")["input_ids"]])
+    mask = torch.ones_like(ids)
+
+    def teacher_logits():
+        return trainer.teacher.completion_logits(trainer.model, ids, mask, ids.shape[1] - 1)
+
+    before = teacher_logits()
+    with torch.no_grad():
+        for parameter in trainer.model.parameters():
+            parameter.add_(0.05)
+    assert torch.equal(teacher_logits(), before)
+    assert not torch.allclose(completion_logits(trainer.model, ids, mask, ids.shape[1] - 1), before)
 
 
 def test_ema_self_teacher_moves_toward_the_student(tiny_tokenizer, tmp_path):

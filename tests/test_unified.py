@@ -12,9 +12,13 @@ from harness.arithmetic import generate_problems, problems_to_rows
 from harness.tiny_models import build_tiny_model, build_tokenizer
 from trl_opsd import OPSDConfig, OPSDTrainer
 from trl_opsd.rewards import math_answer_reward
+from trl_opsd.teachers.base import Teacher
 from trl_opsd.unified import PRESETS, UnifiedConfig, UnifiedTrainer, leave_one_out_advantages
 from trl_opsd.verify import answer_span, extract_answer, is_correct, normalize_number
 
+# OPSDTrainer may compute its loss chunk-wise from hidden states (chunked_loss): the same sum, rounded differently
+# (measured: 1.2e-5 relative on the tiny, cancellation-prone clipped divergences of the opsd test).
+OPSD_REFERENCE_TOLERANCE = dict(atol=1e-9, rtol=1e-4)
 COMMON = dict(per_device_train_batch_size=4, max_steps=2, max_new_tokens=40, report_to="none", use_cpu=True,
               bf16=False, logging_steps=1, save_strategy="no", learning_rate=1e-3)
 
@@ -41,6 +45,11 @@ def column_reward(score, **kwargs):
     return list(score)
 
 
+def first_token_parity_reward(completion_ids, **kwargs):
+    """1 when a completion's first token id is even: differs between the samples of one prompt."""
+    return [float(bool(ids) and ids[0] % 2 == 0) for ids in completion_ids]
+
+
 def _trainer(tmp_path, rows, teacher=None, reward_funcs=None, seed=1, **overrides):
     return UnifiedTrainer(model=build_tiny_model(_tokenizer(), seed=seed), teacher_model=teacher,
                           args=_unified(tmp_path, **overrides), train_dataset=Dataset.from_list(rows),
@@ -57,16 +66,37 @@ def _batch(trainer, rows, source="dataset"):
     return trainer._score(trainer._attach_completions(trainer.data_collator(rows), source))
 
 
-def _sequence_log_prob_means(model, batch):
-    """mean_t log p(y_t) per row from unpadded single-row forward passes (independent of batching)."""
-    means = []
-    for i in range(batch["prompts"].shape[0]):
-        prompt = batch["prompts"][i][batch["prompt_attention_mask"][i].bool()]
+def _row_completion_logits(model, batch, view="student"):
+    """Per row, the logits predicting each completion token, from an unpadded single-row forward pass: an
+    alignment check independent of the trainer's batched, left-padded ``completion_views``."""
+    prefix = "teacher_" if view == "teacher" else ""
+    rows = []
+    for i in range(batch["completions"].shape[0]):
+        prompt = batch[f"{prefix}prompts"][i][batch[f"{prefix}prompt_attention_mask"][i].bool()]
         completion = batch["completions"][i][batch["completion_mask"][i].bool()]
         with torch.no_grad():
             logits = model(input_ids=torch.cat([prompt, completion])[None]).logits[0]
-        log_probs = torch.log_softmax(logits[len(prompt) - 1 : -1], -1)
-        means.append(log_probs.gather(1, completion[:, None]).mean())
+        rows.append(logits[len(prompt) - 1 : -1])
+    return rows
+
+
+def _window(trainer, rows, num_micro_batches=2):
+    """The trainer's gradient-accumulation window over equal slices of ``rows``: (micro-batches, count)."""
+    size = len(rows) // num_micro_batches
+    micro_batches = [trainer.data_collator(rows[i * size : (i + 1) * size]) for i in range(num_micro_batches)]
+    return trainer.get_batch_samples(iter(micro_batches), num_micro_batches, "cpu")
+
+
+def _window_loss(trainer, batches, num_items_in_batch):
+    with torch.no_grad():
+        return sum(trainer.compute_loss(trainer.model, batch, num_items_in_batch=num_items_in_batch)
+                   for batch in batches)
+
+
+def _sequence_log_prob_means(model, batch):
+    """mean_t log p(y_t) per row (independent of batching)."""
+    rows = zip(_row_completion_logits(model, batch), batch["completions"], batch["completion_mask"].bool())
+    means = [torch.log_softmax(logits, -1).gather(1, ids[keep][:, None]).mean() for logits, ids, keep in rows]
     return torch.stack(means)
 
 
@@ -106,6 +136,28 @@ def test_leave_one_out_advantages():
         leave_one_out_advantages(rewards, 4)
 
 
+def test_rl_outcome_is_reinforce_leave_one_out_over_an_accumulation_window(tmp_path):
+    rows = _rows(4)
+    trainer = _trainer(tmp_path, rows, reward_funcs=[first_token_parity_reward], preset="rl_outcome",
+                       num_generations=3, max_new_tokens=8)
+    torch.manual_seed(0)
+    batches, _ = _window(trainer, rows)  # 2 micro-batches x 2 prompts x 3 sampled completions
+    assert all(batch["completion_source"] == "student" for batch in batches)
+    rewards = torch.cat([batch["rewards"] for batch in batches])
+    first_tokens = torch.cat([batch["completions"][:, 0] for batch in batches])
+    torch.testing.assert_close(rewards, (first_tokens % 2 == 0).float())
+    # by hand: A_i = r_i - mean of the other two rewards of the same prompt
+    groups = rewards.view(4, 3)
+    advantages = torch.stack([groups[g, i] - groups[g, [j for j in range(3) if j != i]].mean()
+                              for g in range(4) for i in range(3)])
+    assert advantages.abs().sum() > 0, "a degenerate draw: every group has equal rewards"
+    torch.testing.assert_close(torch.cat([batch["advantages"] for batch in batches]), advantages)
+    # the loss over the window is -sum_i A_i * mean_t log p(y_i,t) / (number of completions in the window)
+    log_prob_means = torch.cat([_sequence_log_prob_means(trainer.model, batch) for batch in batches])
+    expected = -(advantages * log_prob_means).sum() / 12
+    torch.testing.assert_close(_window_loss(trainer, batches, None), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_reward_functions_are_called_in_grpo_convention(tmp_path):
     seen = {}
 
@@ -140,7 +192,27 @@ def test_opd_with_alpha_zero_equals_the_opsd_trainer_loss_with_the_same_external
         theirs = reference.compute_loss(reference.model, reference._attach_completions(reference.data_collator(rows),
                                                                                          "dataset"))
     assert ours.item() > 0
-    torch.testing.assert_close(ours, theirs, atol=0, rtol=1e-6)
+    torch.testing.assert_close(ours, theirs, **OPSD_REFERENCE_TOLERANCE)
+
+
+def test_reward_weight_zero_is_the_opsd_trainer_loss_over_an_accumulation_window(tmp_path):
+    rows = _rows(6)
+    teacher = build_tiny_model(_tokenizer(), seed=2)
+    # rewards are scored (for the metrics) but weigh nothing
+    unified = _trainer(tmp_path, rows, teacher=teacher, reward_funcs=[math_answer_reward], preset="opd",
+                       reward_weight=0.0, sampler="dataset", beta=0.0)
+    reference = OPSDTrainer(model=build_tiny_model(_tokenizer(), seed=1), teacher_model=teacher,
+                            args=OPSDConfig(output_dir=str(tmp_path / "opsd"), lmbda=0.0, beta=0.0,
+                                            privileged_from=None, **COMMON),
+                            train_dataset=Dataset.from_list(rows), processing_class=_tokenizer())
+    batches, num_tokens = _window(unified, rows)
+    reference_batches, reference_num_tokens = _window(reference, rows)
+    # the window's generated tokens, not a micro-batch's: micro-batch means would weigh tokens unequally
+    assert num_tokens == reference_num_tokens == sum(batch["completion_mask"].sum() for batch in batches)
+    assert batches[0]["completion_mask"].sum() != batches[1]["completion_mask"].sum()
+    torch.testing.assert_close(_window_loss(unified, batches, num_tokens),
+                               _window_loss(reference, reference_batches, reference_num_tokens),
+                               **OPSD_REFERENCE_TOLERANCE)
 
 
 def test_opsd_equals_the_opsd_trainer_loss_with_the_same_clip_plus_the_reinforce_term(tmp_path):
@@ -158,13 +230,13 @@ def test_opsd_equals_the_opsd_trainer_loss_with_the_same_clip_plus_the_reinforce
                                                                                          "dataset"))
     assert 0 < reference._metrics["train"]["clipped_fraction"][-1] < 1
     metrics = unified._metrics["train"]
-    assert metrics["distillation_term"][-1] == pytest.approx(theirs.item(), rel=1e-6)
+    torch.testing.assert_close(torch.tensor(metrics["distillation_term"][-1]), theirs, **OPSD_REFERENCE_TOLERANCE)
     # gold completions: reward 1 each, one sample per prompt, so A = 1 and R = -mean_i mean_t log p
     reinforce = -_sequence_log_prob_means(unified.model, batch).mean()
     torch.testing.assert_close(ours, theirs + reinforce, atol=1e-5, rtol=1e-5)
     unified.args.reward_weight = 0.0
     with torch.no_grad():
-        torch.testing.assert_close(unified.compute_loss(unified.model, batch), theirs, atol=0, rtol=1e-6)
+        torch.testing.assert_close(unified.compute_loss(unified.model, batch), theirs, **OPSD_REFERENCE_TOLERANCE)
 
 
 def test_sft_rs_trains_on_accepted_teacher_samples_only(tmp_path):
@@ -250,6 +322,8 @@ def test_explicit_arguments_override_a_preset(tmp_path):
     args = _bare(tmp_path, preset="opd", reward_weight=0.0)
     assert (args.reward_weight, args.distillation_weight) == (0.0, 1.0)
     assert _bare(tmp_path, preset="opsd", kl_clip=0.3).kl_clip == 0.3
+    assert _bare(tmp_path, preset="opsd", kl_clip=None).kl_clip is None  # an explicit None turns the clip off
+    assert _bare(tmp_path).kl_clip is None and _bare(tmp_path, kl_clip=0.5).kl_clip == 0.5
     args = _bare(tmp_path, preset="rl_outcome", distillation_weight=0.5, teacher_kind="self")
     assert args.teacher_kind == "self" and args.privileged_from == "answer"
     assert _bare(tmp_path, preset="opd").privileged_from is None  # OPD: no hint
@@ -265,6 +339,7 @@ def test_explicit_arguments_override_a_preset(tmp_path):
         (dict(preset="opsd", sampler="teacher"), r"reward_weight=1.0 \(from preset='opsd'\) needs sampler='student'"),
         (dict(preset="opd", lmbda=0.5), r"lmbda=0.5 contradicts sampler='student' \(from preset='opd'\)"),
         (dict(preset="kd", kl_clip=1.0), r"kl_clip=1.0 does not apply to distillation_loss='hinton'"),
+        (dict(preset="kd", divergence="topk"), r"divergence must be 'full', got 'topk'"),
         (dict(preset="opd", reward_weight=0.0, distillation_weight=0.0), r"leave nothing to train"),
         (dict(preset="rl_outcome", teacher_kind="external"), r"teacher_kind='external' builds a teacher that"),
         (dict(preset="sft_rs", sampler="student", seq_kd=True), r"seq_kd=True .* contradicts sampler='student'"),
@@ -288,6 +363,10 @@ def test_trainer_checks_teacher_and_reward_functions(tmp_path):
         _trainer(tmp_path, rows, preset="rl_outcome")
     with pytest.raises(ValueError, match=r"reward_filter=True .* needs reward_funcs"):
         _trainer(tmp_path, rows, teacher=build_tiny_model(_tokenizer()), preset="sft_rs")
+    api = Teacher("api")
+    api.capabilities = frozenset({"topk", "sampled"})
+    with pytest.raises(ValueError, match="needs the teacher's dense logits, but Teacher.*is a remote teacher"):
+        _trainer(tmp_path, rows, teacher=api, preset="kd")
     # without a preset: external when a teacher_model is given, else the self-teacher
     assert _trainer(tmp_path, rows, teacher=build_tiny_model(_tokenizer())).args.teacher_kind == "external"
     assert _trainer(tmp_path, rows).args.teacher_kind == "self"
@@ -337,6 +416,10 @@ def test_verifier_strict_mode_and_spans():
 def test_math_answer_reward_on_strings_and_chats():
     completions = ["12+7=19\n#### 19", [{"role": "assistant", "content": "The answer is $1,000."}], "#### 5", []]
     assert math_answer_reward(completions, answer=["19", "1000", "6", "1"]) == [1.0, 1.0, 0.0, 0.0]
+    # a row without a gold answer is skipped (None), as in GRPO's convention; a non-numeric one is a data error
+    assert math_answer_reward(["#### 19", "#### 19"], answer=[None, "19"]) == [None, 1.0]
+    with pytest.raises(ValueError, match="gold answer 'nineteen' is not a number"):
+        math_answer_reward(["#### 19"], answer=["nineteen"])
     with pytest.raises(ValueError, match="2 completions but 1 gold answers"):
         math_answer_reward(["#### 1", "#### 2"], answer=["1"])
 
@@ -351,10 +434,10 @@ def _kd_trainer(tmp_path, teacher, rows=None, **overrides):
 
 
 def _views(trainer, batch):
-    with torch.no_grad():
-        student, teacher = trainer.completion_views(trainer.model, batch)
-    mask = batch["completion_mask"].bool()
-    return student[mask], teacher[mask], batch["completions"][mask]
+    """(student logits, teacher logits, completion tokens) at every completion position, [N, V] / [N]."""
+    student = torch.cat(_row_completion_logits(trainer.model, batch))
+    teacher = torch.cat(_row_completion_logits(trainer.teacher.model, batch, view="teacher"))
+    return student, teacher, batch["completions"][batch["completion_mask"].bool()]
 
 
 def test_kd_alpha_zero_is_pure_cross_entropy_on_the_completion_tokens(tmp_path):
@@ -364,7 +447,7 @@ def test_kd_alpha_zero_is_pure_cross_entropy_on_the_completion_tokens(tmp_path):
         loss = trainer.compute_loss(trainer.model, batch)
     student, _, targets = _views(trainer, batch)
     expected = F.cross_entropy(student, targets)
-    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-5)
     # and it is the teacher-free SFT loss: a different teacher does not change it
     trainer.teacher.model = build_tiny_model(_tokenizer(), seed=7)
     with torch.no_grad():
@@ -394,14 +477,27 @@ def test_kd_matches_hinton_and_each_silent_bug_gives_a_different_number(tmp_path
     assert min(abs(a - b) for i, a in enumerate(values) for b in values[i + 1 :]) > 1e-3, values
 
 
+def _gradients(trainer, batch):
+    trainer.model.zero_grad()
+    trainer.compute_loss(trainer.model, batch).backward()
+    return [p.grad.clone() for p in trainer.model.parameters()]
+
+
 def test_kd_student_equal_to_teacher_gives_zero_distillation_gradient(tmp_path):
     student = build_tiny_model(_tokenizer(), seed=1)
     trainer, rows = _kd_trainer(tmp_path, copy.deepcopy(student), hinton_alpha=1.0)
     batch = _batch(trainer, rows)
     loss = trainer.compute_loss(trainer.model, batch)
     loss.backward()
+    # zero loss also shows that alpha = 1 gives cross-entropy no weight (the random model's CE is ~6)
     assert abs(loss.item()) < 1e-6
     assert max(p.grad.abs().max().item() for p in trainer.model.parameters() if p.grad is not None) < 1e-6
+    # mixed with CE, the soft term still adds nothing: the gradient is (1 - alpha) times the CE gradient
+    trainer.args.hinton_alpha = 0.7
+    mixed = _gradients(trainer, batch)
+    trainer.args.hinton_alpha = 0.0
+    for mixed_grad, ce_grad in zip(mixed, _gradients(trainer, batch)):
+        torch.testing.assert_close(mixed_grad, 0.3 * ce_grad, atol=1e-7, rtol=1e-5)
 
 
 def test_kd_loss_grows_with_student_teacher_divergence(tmp_path):
@@ -419,26 +515,30 @@ def test_kd_loss_grows_with_student_teacher_divergence(tmp_path):
     assert losses[0] < 1e-6 and all(a < b for a, b in zip(losses, losses[1:])), losses
 
 
-def _teacher_preferred_log_prob(trainer, batch):
+def _closeness_to_teacher(trainer, batch, temperature):
+    """(mean student log-prob of the teacher's argmax token, mean KL(p_T || p_S) at ``temperature``)."""
     student, teacher, _ = _views(trainer, batch)
-    preferred = teacher.argmax(-1)
-    return torch.log_softmax(student, -1).gather(1, preferred[:, None]).mean().item()
+    preferred = torch.log_softmax(student, -1).gather(1, teacher.argmax(-1)[:, None]).mean()
+    kl = F.kl_div(F.log_softmax(student / temperature, -1), F.log_softmax(teacher / temperature, -1),
+                  reduction="batchmean", log_target=True)
+    return preferred.item(), kl.item()
 
 
-@pytest.mark.xfail(
-    reason="failed in the pre-CI run of 2026-11-22 (log-prob -4.4815 after one step vs -4.4487 before); "
-    "unexplained, open in issue 5",
-    strict=False,
-)
-def test_kd_one_step_moves_the_student_toward_the_teachers_preferred_tokens(tmp_path):
+def test_kd_one_sgd_step_moves_the_student_toward_the_teacher(tmp_path):
     teacher = build_tiny_model(_tokenizer(), seed=2)
     with torch.no_grad():  # a confident teacher: a random model's near-uniform argmax would be noise
         teacher.model.norm.weight.mul_(20.0)
-    trainer, rows = _kd_trainer(tmp_path, teacher, hinton_alpha=1.0, max_steps=1, learning_rate=1e-2)
+    # Plain SGD on the clipped (unit-norm) gradient: a small step along -grad, whose first-order effect decides
+    # the outcome. AdamW's first step is lr * sign(grad) on each of the ~0.6M weights, a step of norm
+    # lr * sqrt(n) (7.6 at lr 1e-2) that overshoots: it raised this very loss (20.376 -> 20.435).
+    trainer, rows = _kd_trainer(tmp_path, teacher, hinton_alpha=1.0, max_steps=1, optim="sgd", learning_rate=1e-2)
     batch = _batch(trainer, rows)
-    before = _teacher_preferred_log_prob(trainer, batch)
+    preferred_before, kl_before = _closeness_to_teacher(trainer, batch, temperature=2.0)
     trainer.train()
-    assert _teacher_preferred_log_prob(trainer, batch) > before + 1e-3
+    preferred_after, kl_after = _closeness_to_teacher(trainer, batch, temperature=2.0)
+    # measured: log-prob -4.449 -> -4.352, KL 5.094 -> 5.046; a flipped loss sign moves both the other way
+    assert preferred_after > preferred_before + 0.02, (preferred_before, preferred_after)
+    assert kl_after < kl_before - 0.01, (kl_before, kl_after)
 
 
 def test_kd_ten_steps_through_the_trainer_lower_the_loss(tmp_path):

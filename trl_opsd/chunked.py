@@ -343,5 +343,60 @@ def chunked_token_log_probs(
     return ChunkedOutput(values, stats[..., 0], None)
 
 
+class TeacherScores(NamedTuple):
+    """What the top-k and sampled-token losses need from a dense teacher; fields named like ``TopKScores``'."""
+
+    topk_ids: Tensor | None  # [..., K] long, most likely first; -1 at masked-out positions
+    topk_logprobs: Tensor | None  # [..., K] at the temperature; 0 at masked-out positions
+    sampled_logprobs: Tensor | None  # [...] log-prob of the given tokens; 0 at masked-out positions
+    entropy: Tensor  # [...] nats at the temperature; 0 at masked-out positions
+
+
+@torch.no_grad()
+def chunked_teacher_scores(
+    hidden: Tensor,
+    weight: Tensor,
+    temperature: float = 1.0,
+    *,
+    top_k: int = 0,
+    token_ids: Tensor | None = None,
+    mask: Tensor | None = None,
+    chunk_size: int | None = None,
+    bias: Tensor | None = None,
+) -> TeacherScores:
+    """A dense teacher's top-k log-probs, log-probs of ``token_ids`` and entropy, from ``hidden W^T + b``, chunked.
+
+    The values of ``log_softmax(logits / temperature).topk(top_k)``, :func:`trl_opsd.losses.token_log_probs` and
+    :func:`trl_opsd.losses.per_token_entropy` without ever holding more than ``chunk_size`` rows of logits; nothing
+    here is differentiable (the teacher is a target). ``top_k=0`` / ``token_ids=None`` skip those fields.
+    """
+    _check_temperature(temperature)
+    chunk_size = default_chunk_size(weight.size(0)) if chunk_size is None else chunk_size
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of positions, got {chunk_size}")
+    leading_shape = hidden.shape[:-1]
+    num_positions = leading_shape.numel()
+    flat_hidden = hidden.reshape(num_positions, -1)
+    keep = torch.ones(num_positions, dtype=torch.bool, device=hidden.device) if mask is None else mask.reshape(-1)
+    rows = keep.bool().nonzero().squeeze(-1)
+    entropy = flat_hidden.new_zeros(num_positions, dtype=torch.float32)
+    topk_ids = torch.full((num_positions, top_k), -1, dtype=torch.long, device=hidden.device) if top_k else None
+    topk_logprobs = entropy.new_zeros(num_positions, top_k) if top_k else None
+    sampled_logprobs = entropy.new_zeros(num_positions) if token_ids is not None else None
+    for start in range(0, rows.numel(), chunk_size):
+        index = rows[start : start + chunk_size]
+        log_probs = _log_softmax_(_project(flat_hidden[index], weight, bias), temperature)
+        entropy[index] = _entropy(log_probs)
+        if top_k:
+            topk_logprobs[index], topk_ids[index] = log_probs.topk(top_k, dim=-1)
+        if token_ids is not None:
+            sampled_logprobs[index] = log_probs.gather(-1, token_ids.reshape(-1)[index].unsqueeze(-1)).squeeze(-1)
+
+    def unflatten(tensor: Tensor | None) -> Tensor | None:
+        return None if tensor is None else tensor.reshape(*leading_shape, *tensor.shape[1:])
+
+    return TeacherScores(unflatten(topk_ids), unflatten(topk_logprobs), unflatten(sampled_logprobs), unflatten(entropy))
+
+
 def _detach(tensor: Tensor | None) -> Tensor | None:
     return None if tensor is None else tensor.detach()

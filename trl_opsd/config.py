@@ -2,8 +2,9 @@
 
 Every GKD argument keeps its meaning (``lmbda`` is the on-policy fraction, ``beta`` the generalized
 JSD interpolation, ``temperature`` the sampling temperature, ``seq_kd`` sequence-level KD). Only the
-defaults of ``lmbda`` (1.0: OPSD is on-policy) and ``temperature`` (1.0: sample from the policy
-itself) differ. All new knobs are validated in ``__post_init__`` so a bad value fails before any
+defaults of ``lmbda`` (1.0: OPSD is on-policy), ``temperature`` (1.0: sample from the policy
+itself) and ``beta`` (1.0: reverse KL, the best of the divergences measured on the arithmetic world;
+see the README's Status) differ. All new knobs are validated in ``__post_init__`` so a bad value fails before any
 model is loaded.
 """
 
@@ -20,6 +21,7 @@ CLIP_MODES = ("clamp", "scale")
 DIVERGENCES = ("full", "topk", "sampled")
 TRUNCATION_POLICIES = ("error", "truncate_left")
 NONFINITE_POLICIES = ("raise", "skip")
+VLLM_MODES = ("colocate", "server")
 
 
 @dataclass
@@ -65,10 +67,39 @@ class OPSDConfig(GKDConfig):
         sampled_ratio_cap (`float`, defaults to `2.0`): cap on the importance ratio of the sampled-token loss.
         nonfinite_loss (`str`, defaults to `"raise"`): a non-finite loss stops training with a message naming
             the step and the statistic (`"raise"`), or the step contributes no gradient (`"skip"`).
+        chunked_loss (`bool`, defaults to `True`): compute the loss from final hidden states and the LM head a chunk
+            of completion positions at a time (`trl_opsd.chunked`), never holding `[batch, completion, vocab]`
+            logits; same values and gradients. Used where it applies: an in-process teacher (frozen copy, EMA,
+            live, adapters disabled, external model) or a remote one (student side only), whose logits are a plain
+            linear head on the last hidden state. Otherwise (logit soft-capping or scaling, a PEFT adapter on the
+            head, a quantised head, FSDP / DeepSpeed ZeRO-3, a custom teacher) the dense loss runs, with one info log.
+        loss_chunk_size (`int` or `None`, defaults to `None`): completion positions projected at once by the
+            chunked loss; `None` sizes one fp32 `[chunk, vocab]` buffer at 32 MiB. Smaller saves memory, larger
+            is faster.
+
+    Student rollouts with vLLM (TRL's `VLLMGeneration`, the knobs of TRL's `DistillationConfig`):
+        use_vllm (`bool`, defaults to `False`): sample on-policy completions with vLLM instead of
+            `transformers`' `generate` (needs `pip install 'trl[vllm]'`). Teacher rollouts (`seq_kd`) stay in
+            `transformers`.
+        vllm_mode (`str`, defaults to `"colocate"`): `"colocate"`: a vLLM engine in the training process, sharing
+            its GPUs; `"server"`: a separate `trl vllm-serve` process that receives the weights every step.
+        vllm_model_impl (`str`, defaults to `"vllm"`): `"vllm"` or `"transformers"` model implementation.
+        vllm_enable_sleep_mode (`bool`, defaults to `False`): colocate: offload vLLM's weights and cache during
+            the optimizer step.
+        vllm_server_base_url (`str` or `None`, defaults to `None`): server URL; overrides host and port.
+        vllm_server_host (`str`, defaults to `"0.0.0.0"`), vllm_server_port (`int`, defaults to `8000`): the
+            server's address.
+        vllm_server_timeout (`float`, defaults to `240.0`): seconds to wait for the server to come up.
+        vllm_group_port (`int`, defaults to `51216`): port of the weight-update (NCCL) group.
+        vllm_gpu_memory_utilization (`float`, defaults to `0.3`): colocate: GPU memory fraction for vLLM.
+        vllm_max_model_length (`int` or `None`, defaults to `None`): colocate: context length (prompt +
+            completion); `None` reads it from the model config.
+        vllm_tensor_parallel_size (`int`, defaults to `1`): colocate: tensor-parallel ranks per engine.
     """
 
     lmbda: float = field(default=1.0, metadata={"help": "Fraction of steps trained on the student's own samples."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of on-policy rollouts."})
+    beta: float = field(default=1.0, metadata={"help": "0: forward KL, 1: reverse KL, between: generalized JSD."})
 
     self_teacher: str = field(default="frozen", metadata={"help": f"One of {SELF_TEACHER_MODES}."})
     teacher_ema_decay: float = field(default=0.99, metadata={"help": "EMA decay for self_teacher='ema'."})
@@ -87,6 +118,27 @@ class OPSDConfig(GKDConfig):
     kl_clip_mode: str = field(default="clamp", metadata={"help": f"One of {CLIP_MODES}."})
     sampled_ratio_cap: float = field(default=2.0)
     nonfinite_loss: str = field(default="raise", metadata={"help": f"One of {NONFINITE_POLICIES}."})
+    chunked_loss: bool = field(
+        default=True,
+        metadata={"help": "Compute the loss from hidden states + LM head in chunks of positions (no full logits), "
+                          "where the model and teacher allow it; the dense loss otherwise."},
+    )
+    loss_chunk_size: int | None = field(
+        default=None, metadata={"help": "Positions per chunk of the chunked loss (None: a 32 MiB fp32 buffer)."}
+    )
+
+    use_vllm: bool = field(default=False, metadata={"help": "Sample student rollouts with vLLM (TRL's backend)."})
+    vllm_mode: str = field(default="colocate", metadata={"help": f"One of {VLLM_MODES}."})
+    vllm_model_impl: str = field(default="vllm", metadata={"help": "vLLM model implementation: vllm or transformers."})
+    vllm_enable_sleep_mode: bool = field(default=False, metadata={"help": "Colocate: offload vLLM during updates."})
+    vllm_server_base_url: str | None = field(default=None, metadata={"help": "Server mode: base URL of the server."})
+    vllm_server_host: str = field(default="0.0.0.0", metadata={"help": "Server mode: host of the server."})
+    vllm_server_port: int = field(default=8000, metadata={"help": "Server mode: port of the server."})
+    vllm_server_timeout: float = field(default=240.0, metadata={"help": "Server mode: seconds to wait for it."})
+    vllm_group_port: int = field(default=51216, metadata={"help": "Server mode: port of the weight-update group."})
+    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "Colocate: GPU memory fraction."})
+    vllm_max_model_length: int | None = field(default=None, metadata={"help": "Colocate: max prompt + completion."})
+    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "Colocate: tensor-parallel size."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -95,6 +147,7 @@ class OPSDConfig(GKDConfig):
         _check_choice("divergence", self.divergence, DIVERGENCES)
         _check_choice("privileged_truncation", self.privileged_truncation, TRUNCATION_POLICIES)
         _check_choice("nonfinite_loss", self.nonfinite_loss, NONFINITE_POLICIES)
+        _check_choice("vllm_mode", self.vllm_mode, VLLM_MODES)
         if not 0.0 < self.teacher_ema_decay < 1.0:
             raise ValueError(f"teacher_ema_decay must be in (0, 1), got {self.teacher_ema_decay}")
         if self.kl_clip is not None and self.kl_clip <= 0:
@@ -105,10 +158,14 @@ class OPSDConfig(GKDConfig):
             raise ValueError(f"teacher_top_k must be at least 1, got {self.teacher_top_k}")
         if self.sampled_ratio_cap < 1:
             raise ValueError(f"sampled_ratio_cap must be at least 1, got {self.sampled_ratio_cap}")
-        for name in ("max_prompt_length", "max_teacher_prompt_length"):
+        if not 0.0 < self.vllm_gpu_memory_utilization <= 1.0:
+            raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
+        for name in ("max_prompt_length", "max_teacher_prompt_length", "loss_chunk_size", "vllm_max_model_length"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be a positive number of tokens or None, got {value}")
+        if self.vllm_tensor_parallel_size < 1:
+            raise ValueError(f"vllm_tensor_parallel_size must be at least 1, got {self.vllm_tensor_parallel_size}")
         if "{prompt}" not in self.teacher_prompt_template or "{privileged_context}" not in self.teacher_prompt_template:
             raise ValueError(
                 "teacher_prompt_template must contain both {prompt} and {privileged_context}, got "

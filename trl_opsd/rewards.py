@@ -19,12 +19,17 @@ def completion_text(completion) -> str:
     return completion[-1]["content"] if completion else ""
 
 
-def math_answer_reward(completions: list, answer: list, **kwargs) -> list[float]:
-    """1.0 when a completion's final answer equals the gold ``answer`` as a number, else 0.0.
+def math_answer_reward(completions: list, answer: list, **kwargs) -> list[float | None]:
+    """1.0 when a completion's final answer equals the gold ``answer`` as a number, else 0.0; ``None`` for rows
+    without a gold answer (the reward does not apply, as TRL's ``accuracy_reward`` skips unparseable gold).
 
     Exact final-answer match through :func:`trl_opsd.verify.is_correct` (``#### N``, "The answer is
-    N", ``\\boxed{N}``, else the last number; commas, dollar signs and trailing periods ignored).
+    N", ``\\boxed{N}``, else the last number; commas, dollar signs and trailing periods ignored). A gold
+    answer that is not a number raises: that is a data error, not a row the reward skips.
     """
     if len(completions) != len(answer):
         raise ValueError(f"{len(completions)} completions but {len(answer)} gold answers")
-    return [float(is_correct(completion_text(c), gold)) for c, gold in zip(completions, answer)]
+    return [
+        None if gold is None else float(is_correct(completion_text(completion), gold))
+        for completion, gold in zip(completions, answer)
+    ]

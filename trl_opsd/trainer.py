@@ -13,7 +13,9 @@ same meanings. What changes (and why):
   the dataset's label count), and one on-policy coin per step is drawn from a seed shared by all ranks
   (GKD draws ``random.random()`` per rank and micro-batch).
 - Generation keeps the KV cache on (GKD turns it off whenever gradient checkpointing is on, ~20x slower;
-  TRL's generation context already disables checkpointing while generating).
+  TRL's generation context already disables checkpointing while generating), or runs in vLLM (``use_vllm``).
+- The loss is computed from final hidden states and the LM head a chunk of positions at a time where the models
+  allow it (``chunked_loss``), so ``[batch, completion, vocab]`` logits are never held.
 """
 
 from __future__ import annotations
@@ -22,19 +24,28 @@ import dataclasses
 import logging
 import random
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 from trl import SFTTrainer
 from trl.experimental.gkd import GKDConfig, GKDTrainer
+from trl.import_utils import is_vllm_available
 from trl.models import prepare_deepspeed
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.callbacks import SyncRefModelCallback
-from trl.trainer.utils import disable_dropout_in_model
+from trl.trainer.utils import disable_dropout_in_model, pad
 
+from trl_opsd.chunked import (
+    chunked_per_token_divergence,
+    chunked_sparse_topk_divergence,
+    chunked_teacher_scores,
+    chunked_token_log_probs,
+)
 from trl_opsd.collator import OPSDCollator
 from trl_opsd.config import OPSDConfig
 from trl_opsd.losses import (
@@ -55,6 +66,7 @@ from trl_opsd.teachers.local import (
     check_same_tokenizer,
     completion_logits,
     frozen_copy,
+    position_ids_from_mask,
 )
 
 logger = logging.getLogger(__name__)
@@ -68,6 +80,78 @@ def as_opsd_config(args: GKDConfig | None, model_name: str = "opsd") -> OPSDConf
         return args
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
     return OPSDConfig(**values)
+
+
+class HeadInputs(NamedTuple):
+    """What the chunked loss takes instead of logits: final hidden states and the LM head that projects them."""
+
+    hidden: torch.Tensor  # [B, T, H]: position t's projection predicts completion token t
+    weight: torch.Tensor  # [V, H]
+    bias: torch.Tensor | None
+
+
+class ChunkedTerms(NamedTuple):
+    """Per-position outputs of the chunked loss, all [B, T] and 0 at masked-out positions."""
+
+    per_token_loss: torch.Tensor  # to reduce
+    divergence: torch.Tensor  # to log
+    student_entropy: torch.Tensor
+    teacher_entropy: torch.Tensor | None  # None for remote teachers
+
+
+# Teachers whose logits are their module's own forward (the module comes from ``generation_model``).
+CHUNKABLE_TEACHERS = (ModelTeacher, AdapterDisabledTeacher, LiveTeacher)
+
+
+def plain_output_head(module: nn.Module) -> nn.Linear | None:
+    """The LM head if, as far as the config tells, logits are just ``head(last hidden state)``; else None.
+
+    None for soft-capped logits and for heads that are not a plain ``nn.Linear`` (a PEFT adapter on the head, a
+    quantised head), whose ``weight`` alone does not give the logits.
+    """
+    config = getattr(module, "config", None)
+    if config is None or getattr(config.get_text_config(), "final_logit_softcapping", None) is not None:
+        return None
+    get_head = getattr(module, "get_output_embeddings", None)
+    head = get_head() if get_head is not None else None
+    return head if type(head) is nn.Linear else None
+
+
+@torch.no_grad()
+def _head_reproduces_logits(head: nn.Linear, hidden: torch.Tensor, logits: torch.Tensor) -> bool:
+    """Whether ``head(hidden)`` equals the model's own ``logits``: catches logit scales the config hides."""
+    recomputed = F.linear(hidden.to(head.weight.dtype), head.weight, head.bias).float()
+    logits = logits.float()
+    # A few ulps of the head's dtype relative to the largest logit: matmuls of other shapes round differently.
+    largest = logits.abs().nan_to_num(nan=0.0, posinf=0.0).max().clamp(min=1.0)
+    tolerance = 8 * torch.finfo(head.weight.dtype).eps * largest.item()
+    return bool(torch.isclose(recomputed, logits, rtol=0.0, atol=tolerance, equal_nan=True).all())
+
+
+def completion_head_inputs(
+    model: nn.Module, head: nn.Linear, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_len: int
+) -> HeadInputs | None:
+    """The final hidden states predicting each of the last ``completion_len`` tokens, unprojected.
+
+    Runs the model's own forward (so DDP, PEFT and gradient checkpointing see a normal call) with only the last
+    position projected; that one logit row checks the head. None when the model's logits are not ``head(hidden)``.
+    """
+    outputs = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        logits_to_keep=1,
+        output_hidden_states=True,
+        use_cache=False,
+    )
+    final_hidden = outputs.hidden_states[-1].to(head.weight.device)
+    if not _head_reproduces_logits(head, final_hidden[:, -1], outputs.logits[:, -1]):
+        return None
+    return HeadInputs(final_hidden[:, -completion_len - 1 : -1], head.weight, head.bias)
+
+
+def _unpadded_rows(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+    return [row[keep.bool()].tolist() for row, keep in zip(ids, mask)]
 
 
 class _EMATeacherCallback(SyncRefModelCallback):
@@ -106,6 +190,11 @@ class OPSDTrainer(GKDTrainer):
         teacher_processing_class: PreTrainedTokenizerBase | None = None,
     ):
         args = as_opsd_config(args, model if isinstance(model, str) else "opsd")
+        if args.use_vllm and not is_vllm_available():
+            raise ImportError(
+                "use_vllm=True (OPSDConfig.use_vllm) samples student rollouts with vLLM, which is not installed: "
+                "pip install 'trl[vllm]', or set use_vllm=False to sample with transformers' generate"
+            )
         # Raw rows (messages, answer, teacher_messages, ...) must reach the collator untouched.
         args.remove_unused_columns = False
         args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
@@ -161,6 +250,11 @@ class OPSDTrainer(GKDTrainer):
         }
         self.generation_config = GenerationConfig(**self.generation_kwargs)
         self.teacher, self.teacher_model = self._build_teacher(teacher_model, teacher_processing_class)
+        self._dense_loss_reason = self._why_dense_loss()
+        if args.chunked_loss and self._dense_loss_reason is not None:
+            logger.info("chunked_loss: using the dense loss, because %s", self._dense_loss_reason)
+        self.vllm_generation = self._build_vllm_generation() if args.use_vllm else None
+        self._vllm_synced_step = -1
 
     # -- construction ---------------------------------------------------------------------------
     def _prepare_frozen(self, module: nn.Module) -> nn.Module:
@@ -210,6 +304,53 @@ class OPSDTrainer(GKDTrainer):
         teacher_model = self._prepare_frozen(teacher_model)
         return ModelTeacher(teacher_model, name="external"), teacher_model
 
+    def _why_dense_loss(self) -> str | None:
+        """Why the chunked loss cannot run with this model and teacher (None: it can)."""
+        if not self.args.chunked_loss:
+            return "chunked_loss=False"
+        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        if self.is_fsdp_enabled or zero3:
+            return "the LM head is sharded outside the forward (FSDP / DeepSpeed ZeRO-3)"
+        if isinstance(self.teacher, LocalTeacher) and not isinstance(self.teacher, CHUNKABLE_TEACHERS):
+            return f"the teacher {self.teacher!r} only gives logits"
+        modules = [self.model] + ([self.teacher.model] if isinstance(self.teacher, ModelTeacher) else [])
+        if any(plain_output_head(self.accelerator.unwrap_model(module)) is None for module in modules):
+            return "a model has no plain linear LM head (soft-capped logits, an adapter or quantisation on the head)"
+        return None
+
+    def _build_vllm_generation(self):
+        """TRL's vLLM backend (the one ``DistillationTrainer`` uses) for student rollouts, from the ``vllm_*`` knobs."""
+        from trl.generation.vllm_generation import VLLMGeneration
+
+        args = self.args
+        return VLLMGeneration(
+            model=self.model,
+            accelerator=self.accelerator,
+            processing_class=self.processing_class,
+            mode=args.vllm_mode,
+            server_base_url=args.vllm_server_base_url,
+            server_host=args.vllm_server_host,
+            server_port=args.vllm_server_port,
+            group_port=args.vllm_group_port,
+            server_timeout=args.vllm_server_timeout,
+            tensor_parallel_size=args.vllm_tensor_parallel_size,
+            gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+            max_model_length=args.vllm_max_model_length,
+            # Rollouts are drawn one micro-batch per call (TRL's trainers send the whole window at once).
+            max_num_seqs=args.per_device_train_batch_size * args.vllm_tensor_parallel_size,
+            enable_sleep_mode=args.vllm_enable_sleep_mode,
+            model_impl=args.vllm_model_impl,
+            trust_remote_code=args.trust_remote_code,
+            # The same sampler as the transformers path: the policy itself at `temperature`, no truncation.
+            temperature=args.temperature,
+            top_p=1.0,
+            top_k=0,
+            min_p=0.0,
+            repetition_penalty=1.0,
+            max_completion_length=args.max_new_tokens,
+            logprobs=None,
+        )
+
     def _check_remote_teacher(self, teacher: Teacher) -> Teacher:
         """Fail now, not at step 1, if a remote teacher cannot give what the configured loss needs."""
         args = self.args
@@ -249,10 +390,28 @@ class OPSDTrainer(GKDTrainer):
         width = prompts.shape[1]
         return sequences[:, width:], attention_mask[:, width:]
 
+    def _vllm_sample(self, prompts: torch.Tensor, prompt_mask: torch.Tensor):
+        """Student rollouts from vLLM, laid out like ``_sample``'s; weights are pushed once per optimizer step."""
+        if self._vllm_synced_step != self.state.global_step:
+            self.vllm_generation.sync_weights()
+            self._vllm_synced_step = self.state.global_step
+        _, completion_ids, _, _ = self.vllm_generation.generate(
+            prompts=_unpadded_rows(prompts, prompt_mask), images=None, num_generations=1
+        )
+        rows = [torch.tensor(ids, dtype=torch.long, device=prompts.device) for ids in completion_ids]
+        completions = pad(rows, padding_value=self.processing_class.pad_token_id, padding_side="right")
+        # vLLM stops at the first EOS and returns it, so every returned token counts (GKD's mask keeps the EOS too).
+        completion_mask = pad([torch.ones_like(row) for row in rows], padding_value=0, padding_side="right")
+        return completions, completion_mask
+
     def _attach_completions(self, batch: dict, source: str) -> dict:
         device = self.accelerator.device
         batch = {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
-        if source == "student":
+        if source == "student" and self.vllm_generation is not None:
+            batch["completions"], batch["completion_mask"] = self._vllm_sample(
+                batch["prompts"], batch["prompt_attention_mask"]
+            )
+        elif source == "student":
             with unwrap_model_for_generation(
                 self.model_wrapped,
                 self.accelerator,
@@ -295,18 +454,49 @@ class OPSDTrainer(GKDTrainer):
         Student: ``prompts + completions`` with gradient. Teacher: ``teacher_prompts + completions``
         without. The same completion tokens, each under its own prompt.
         """
-        completions, completion_mask = inputs["completions"], inputs["completion_mask"]
-        num_completion = completions.shape[1]
-        student_ids = torch.cat([inputs["prompts"], completions], dim=1)
-        student_mask = torch.cat([inputs["prompt_attention_mask"], completion_mask], dim=1)
-        student_logits = completion_logits(model, student_ids, student_mask, num_completion)
+        num_completion = inputs["completions"].shape[1]
+        student_logits = completion_logits(model, *self._sequences(inputs, "student"), num_completion)
         if not isinstance(self.teacher, LocalTeacher):
             return student_logits, None
-        teacher_ids = torch.cat([inputs["teacher_prompts"], completions], dim=1)
-        teacher_mask = torch.cat([inputs["teacher_prompt_attention_mask"], completion_mask], dim=1)
         student_module = self.accelerator.unwrap_model(model)
+        teacher_ids, teacher_mask = self._sequences(inputs, "teacher")
         teacher_logits = self.teacher.completion_logits(student_module, teacher_ids, teacher_mask, num_completion)
         return student_logits, teacher_logits
+
+    @staticmethod
+    def _sequences(inputs, view: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, attention mask) of ``prompt + completion`` for the ``"student"`` or ``"teacher"`` view."""
+        prefix = "teacher_" if view == "teacher" else ""
+        ids = torch.cat([inputs[f"{prefix}prompts"], inputs["completions"]], dim=1)
+        mask = torch.cat([inputs[f"{prefix}prompt_attention_mask"], inputs["completion_mask"]], dim=1)
+        return ids, mask
+
+    def chunked_completion_views(self, model, inputs) -> tuple[HeadInputs, HeadInputs | None] | None:
+        """:meth:`completion_views` without the projection: (student, teacher) hidden states and LM heads.
+
+        The student's carry the gradient; the teacher's (None for a remote teacher) are computed without. None when
+        the dense path must run instead (see ``chunked_loss``).
+        """
+        if self._dense_loss_reason is not None:
+            return None
+        num_completion = inputs["completions"].shape[1]
+        student_module = self.accelerator.unwrap_model(model)
+        student_head = plain_output_head(student_module)
+        student = completion_head_inputs(model, student_head, *self._sequences(inputs, "student"), num_completion)
+        teacher = None
+        if student is not None and isinstance(self.teacher, LocalTeacher):
+            # The module the teacher runs as: its own model, or the student with adapters off / as it is now.
+            with torch.no_grad(), self.teacher.generation_model(student_module) as teacher_module:
+                teacher_head = plain_output_head(self.accelerator.unwrap_model(teacher_module))
+                teacher_ids, teacher_mask = self._sequences(inputs, "teacher")
+                teacher = completion_head_inputs(
+                    teacher_module, teacher_head, teacher_ids, teacher_mask, num_completion
+                )
+        if student is None or (isinstance(self.teacher, LocalTeacher) and teacher is None):
+            self._dense_loss_reason = "a model's logits are not its LM head applied to its last hidden state"
+            logger.info("chunked_loss: using the dense loss from now on, because %s", self._dense_loss_reason)
+            return None
+        return student, teacher
 
     def token_sum_to_loss(self, per_token: torch.Tensor, mask: torch.Tensor, num_items_in_batch) -> torch.Tensor:
         """Sum over unmasked completion tokens / generated tokens in the accumulation window (all ranks)."""
@@ -319,13 +509,9 @@ class OPSDTrainer(GKDTrainer):
 
     def _remote_scores(self, inputs, k: int):
         """Teacher top-k / sampled-token log-probs of the batch's completions, from a remote teacher."""
-
-        def unpadded(ids, mask):
-            return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
-
         scores = self.teacher.score_topk(
-            unpadded(inputs["teacher_prompts"], inputs["teacher_prompt_attention_mask"]),
-            unpadded(inputs["completions"], inputs["completion_mask"]),
+            _unpadded_rows(inputs["teacher_prompts"], inputs["teacher_prompt_attention_mask"]),
+            _unpadded_rows(inputs["completions"], inputs["completion_mask"]),
             k,
         )
         return scores.to(inputs["completions"].device).pad_to(inputs["completions"].shape[1])
@@ -359,16 +545,63 @@ class OPSDTrainer(GKDTrainer):
             return terms.surrogate, terms.kl_estimate
         return clip_per_token(divergence, args.kl_clip, args.kl_clip_mode), divergence
 
+    def chunked_distillation_terms(self, student: HeadInputs, teacher: HeadInputs | None, inputs, mask) -> ChunkedTerms:
+        """:meth:`distillation_terms` from hidden states, a chunk of positions at a time: the same values and
+        gradients (clipping acts per position, after the chunks), plus both entropies for the metrics."""
+        args, tau = self.args, self.args.loss_temperature
+        student_side = {"mask": mask, "chunk_size": args.loss_chunk_size, "student_bias": student.bias}
+        if args.divergence == "full":
+            out = chunked_per_token_divergence(
+                student.hidden, student.weight, teacher.hidden, teacher.weight, self.beta, tau,
+                teacher_bias=teacher.bias, **student_side,
+            )
+            clipped = clip_per_token(out.values, args.kl_clip, args.kl_clip_mode)
+            return ChunkedTerms(clipped, out.values, out.student_entropy, out.teacher_entropy)
+        scores, teacher_entropy = self._teacher_token_scores(teacher, inputs, mask)
+        if args.divergence == "topk":
+            out = chunked_sparse_topk_divergence(
+                student.hidden, student.weight, scores.topk_ids, scores.topk_logprobs, self.beta, tau, **student_side
+            )
+            clipped = clip_per_token(out.values, args.kl_clip, args.kl_clip_mode)
+            return ChunkedTerms(clipped, out.values, out.student_entropy, teacher_entropy)
+        out = chunked_token_log_probs(student.hidden, student.weight, inputs["completions"], tau, **student_side)
+        terms = sampled_token_reverse_kl(out.values, scores.sampled_logprobs, ratio_cap=args.sampled_ratio_cap)
+        return ChunkedTerms(terms.surrogate, terms.kl_estimate, out.student_entropy, teacher_entropy)
+
+    def _teacher_token_scores(self, teacher: HeadInputs | None, inputs, mask):
+        """(top-k / sampled-token scores, teacher entropy or None) for ``divergence`` topk or sampled."""
+        k = self.args.teacher_top_k if self.args.divergence == "topk" else 0
+        if teacher is None:
+            return self._remote_scores(inputs, k), None
+        scores = chunked_teacher_scores(
+            teacher.hidden, teacher.weight, self.args.loss_temperature, top_k=k,
+            token_ids=None if k else inputs["completions"], mask=mask, chunk_size=self.args.loss_chunk_size,
+            bias=teacher.bias,
+        )
+        return scores, scores.entropy
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if "completion_source" not in inputs:  # evaluation: dataset completions if present, else student samples
             inputs = self._attach_completions(inputs, "dataset" if "completions" in inputs else "student")
-        student_logits, teacher_logits = self.completion_views(model, inputs)
         mask = inputs["completion_mask"].bool()
+        views = None if return_outputs else self.chunked_completion_views(model, inputs)  # return_outputs: logits
+        if views is not None:
+            return self._chunked_loss(views, inputs, mask, num_items_in_batch)
+        student_logits, teacher_logits = self.completion_views(model, inputs)
         per_token_loss, divergence = self.distillation_terms(student_logits, teacher_logits, inputs)
         loss = self.token_sum_to_loss(per_token_loss, mask, num_items_in_batch)
         loss = self._check_finite(loss, student_logits, teacher_logits, divergence)
         self._record_metrics(inputs, divergence, mask, student_logits, teacher_logits)
         return (loss, {"logits": student_logits}) if return_outputs else loss
+
+    def _chunked_loss(self, views, inputs, mask, num_items_in_batch):
+        terms = self.chunked_distillation_terms(*views, inputs, mask)
+        loss = self.token_sum_to_loss(terms.per_token_loss, mask, num_items_in_batch)
+        # Without logits, a non-finite logit shows up as a non-finite entropy at its position.
+        loss = self._check_finite(loss, terms.student_entropy, terms.teacher_entropy, terms.divergence)
+        teacher_entropy = terms.teacher_entropy[mask] if terms.teacher_entropy is not None else None
+        self._record_token_metrics(inputs, terms.divergence, mask, terms.student_entropy[mask], teacher_entropy)
+        return loss
 
     def _check_finite(self, loss, student_logits, teacher_logits, divergence):
         if torch.isfinite(loss):
@@ -388,16 +621,23 @@ class OPSDTrainer(GKDTrainer):
 
     @torch.no_grad()
     def _record_metrics(self, inputs, divergence, mask, student_logits, teacher_logits):
+        tau = self.args.loss_temperature
+        student_entropy = per_token_entropy(student_logits[mask], tau)
+        teacher_entropy = per_token_entropy(teacher_logits[mask], tau) if teacher_logits is not None else None
+        self._record_token_metrics(inputs, divergence, mask, student_entropy, teacher_entropy)
+
+    @torch.no_grad()
+    def _record_token_metrics(self, inputs, divergence, mask, student_entropy, teacher_entropy):
+        """Log a micro-batch's statistics; the entropies are those at the unmasked positions, [N]."""
         mode = "train" if self.model.training else "eval"
         metrics = self._metrics[mode]
-        tau = self.args.loss_temperature
         if divergence is not None:
             for name, value in divergence_statistics(divergence, mask, self.args.kl_clip).items():
                 metrics[name].append(value)
         if mask.any():
-            metrics["student_entropy"].append(per_token_entropy(student_logits[mask], tau).mean().item())
-            if teacher_logits is not None:
-                metrics["teacher_entropy"].append(per_token_entropy(teacher_logits[mask], tau).mean().item())
+            metrics["student_entropy"].append(student_entropy.mean().item())
+            if teacher_entropy is not None:
+                metrics["teacher_entropy"].append(teacher_entropy.mean().item())
         metrics["completion_length"].append(mask.sum(1).float().mean().item())
         metrics["on_policy_fraction"].append(float(inputs.get("completion_source") == "student"))
         metrics["truncated_teacher_prompts"].append(float(inputs["num_truncated_teacher_prompts"].sum()))

@@ -32,6 +32,7 @@ gradient of the sampling policy.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ from trl.experimental.gkd import GKDConfig
 from trl_opsd.config import OPSDConfig, _check_choice
 from trl_opsd.geometry import GeometryRecorder
 from trl_opsd.losses import clip_per_token, hinton_kd_loss, per_token_divergence, token_log_probs
+from trl_opsd.teachers.base import Teacher
+from trl_opsd.teachers.local import LocalTeacher
 from trl_opsd.trainer import OPSDTrainer
 
 TEACHER_KINDS = ("external", "self", "none")
@@ -59,14 +62,19 @@ PRESETS: dict[str, dict] = {
                distillation_loss="hinton"),
 }
 # What an unset knob means when no preset sets it: plain distillation of the student's own samples.
-_BASE_VALUES = dict(reward_weight=0.0, distillation_weight=1.0, sampler="student", distillation_loss="divergence")
+_BASE_VALUES = dict(reward_weight=0.0, distillation_weight=1.0, sampler="student", distillation_loss="divergence",
+                    kl_clip=None)
 # GKD's knobs that the sampler decides: (lmbda = on-policy fraction, seq_kd = sample from the teacher).
 _SAMPLER_SOURCES = {"student": (1.0, False), "teacher": (0.0, True), "dataset": (0.0, False)}
 
 
-def _field_default(instance, name: str):
+def _is_unset(instance, name: str) -> bool:
+    """Whether a field still holds its default (NaN defaults included), i.e. was not given."""
     spec = next(f for f in dataclasses.fields(instance) if f.name == name)
-    return spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+    default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+    value = getattr(instance, name)
+    return value == default or (isinstance(value, float) and isinstance(default, float) and math.isnan(value)
+                                and math.isnan(default))
 
 
 @dataclass
@@ -74,9 +82,10 @@ class UnifiedConfig(OPSDConfig):
     r"""
     Configuration for [`UnifiedTrainer`]: every [`OPSDConfig`] argument plus the knobs of the unified objective.
 
-    A knob counts as given when it differs from its default (``None`` / ``False`` / ``"auto"``); a `preset` fills
-    the knobs that are not given, explicit ones override it, and combinations that contradict each other raise a
-    `ValueError` naming the keys (and which of them came from the preset).
+    A knob counts as given when it differs from its default (``None`` / ``False`` / ``"auto"``; for `kl_clip`, NaN,
+    so `kl_clip=None` explicitly turns a preset's clip off); a `preset` fills the knobs that are not given, explicit
+    ones override it, and combinations that contradict each other raise a `ValueError` naming the keys (and which
+    of them came from the preset).
 
     Knobs:
         preset (`str` or `None`): one of `sft_rs`, `rl_outcome`, `opd`, `opsd`, `kd` (see the module docstring).
@@ -114,6 +123,8 @@ class UnifiedConfig(OPSDConfig):
     distillation_loss: str | None = field(default=None, metadata={"help": f"One of {DISTILLATION_LOSSES}."})
     hinton_alpha: float = field(default=0.5)
     privileged_from: str | None = field(default="auto", metadata={"help": "Column turned into privileged context."})
+    # NaN = not given, so that an explicit None (no clipping) can override a preset's cap.
+    kl_clip: float | None = field(default=math.nan, metadata={"help": "Per-token divergence cap; None: no clipping."})
     geometry_steps: int = field(default=1, metadata={"help": "Log gradient geometry every N steps (0: never)."})
 
     def __post_init__(self):
@@ -130,11 +141,11 @@ class UnifiedConfig(OPSDConfig):
         if self.preset is not None:
             _check_choice("preset", self.preset, tuple(PRESETS))
             for key, value in PRESETS[self.preset].items():
-                if getattr(self, key) == _field_default(self, key):
+                if _is_unset(self, key):
                     setattr(self, key, value)
                     self._sources[key] = "preset"
         for key, value in _BASE_VALUES.items():
-            if getattr(self, key) is None:
+            if _is_unset(self, key):
                 setattr(self, key, value)
         _check_choice("sampler", self.sampler, SAMPLERS)
         _check_choice("distillation_loss", self.distillation_loss, DISTILLATION_LOSSES)
@@ -182,10 +193,10 @@ class UnifiedConfig(OPSDConfig):
                              f"but {d('sampler')}")
         if sampler == "dataset" and self.num_generations > 1:
             raise ValueError(f"num_generations={self.num_generations} with {d('sampler')} would repeat identical rows")
-        if self.distillation_loss == "hinton":
-            if self.kl_clip is not None:
-                raise ValueError(f"{d('kl_clip')} does not apply to {d('distillation_loss')}")
-        elif self.divergence != "full":
+        if self.distillation_loss == "hinton" and self.kl_clip is not None:
+            raise ValueError(f"{d('kl_clip')} does not apply to {d('distillation_loss')}")
+        # Both distillation losses read the teacher's dense logits (Hinton's soft term included).
+        if self.divergence != "full":
             raise ValueError(f"the unified trainer computes dense divergences: divergence must be 'full', got "
                              f"{self.divergence!r}")
         if kind == "none":
@@ -197,7 +208,6 @@ class UnifiedConfig(OPSDConfig):
         elif kind is not None and lam == 0 and sampler != "teacher":
             raise ValueError(f"{d('teacher_kind')} builds a teacher that {d('distillation_weight')} and "
                              f"{d('sampler')} never use; set teacher_kind='none'")
-
 
 
 def as_unified_config(args: GKDConfig | None, model_name: str = "unified") -> UnifiedConfig:
@@ -306,6 +316,9 @@ class UnifiedTrainer(OPSDTrainer):
     def _build_teacher(self, teacher_model, teacher_processing_class):
         if self.args.teacher_kind == "none":
             return None, None  # no teacher module, so completion_views runs no teacher forward
+        if isinstance(teacher_model, Teacher) and not isinstance(teacher_model, LocalTeacher):
+            raise ValueError(f"the unified trainer needs the teacher's dense logits, but {teacher_model!r} is a remote "
+                             "teacher; use OPSDTrainer with divergence='topk' or 'sampled' for remote teachers")
         return super()._build_teacher(teacher_model, teacher_processing_class)
 
     # -- rewards ------------------------------------------------------------------------------------

@@ -105,8 +105,18 @@ class LiveTeacher(LocalTeacher):
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
-    """A detached, gradient-free copy of ``model`` (the frozen initial policy or an EMA seed)."""
+    """A detached, gradient-free copy of ``model`` (the frozen initial policy or an EMA seed).
+
+    Instance-level ``forward`` patches are dropped from the copy, so it runs its class's forward on its own
+    weights. Trainers patch ``model.forward`` with closures over the *original* model (TRL's SFTTrainer adds
+    a fused LM head whose closure calls the original bound ``forward``; accelerate's mixed-precision wrapper
+    does the same). ``copy.deepcopy`` copies such closures by reference, so without this the "frozen" copy
+    would silently compute with the live student's weights.
+    """
     teacher = copy.deepcopy(model)
+    for module in teacher.modules():
+        if "forward" in vars(module):
+            del module.forward
     teacher.requires_grad_(False)
     return teacher.eval()
 
