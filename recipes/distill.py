@@ -154,12 +154,12 @@ def external_teacher(training_args: OPSDConfig, teacher_args: TeacherArguments) 
 
 
 def check_teacher_under_launch(setup: launch_env.LaunchSetup, teacher: TeacherChoice) -> None:
-    """Refuse the launch setups under which OPSDTrainer would place or shard the teacher wrongly.
+    """Refuse the launch setups under which OPSDTrainer would place or shard the teacher wrongly, or which
+    have never been run.
 
-    Read in accelerate 1.15 ``Accelerator.prepare_model`` and the trainer: frozen teachers are prepared
-    with ``prepare_model(teacher, evaluation_mode=True)``; under FSDP that neither shards the teacher
-    (evaluation mode skips wrapping) nor moves it (device placement is off under FSDP), so it stays
-    where it was loaded (the CPU) while the student runs sharded on the GPUs.
+    Under FSDP2 the trainer shards a teacher with its own weights through TRL's ``prepare_fsdp`` (and refuses
+    FSDP1, EMA teachers and meta-device teachers itself), but no GPU run has exercised that path yet, so the
+    recipes still route such teachers to PEFT or DeepSpeed.
     """
     if setup.distributed == "fsdp":
         if setup.fsdp_version != 2:
@@ -171,11 +171,10 @@ def check_teacher_under_launch(setup: launch_env.LaunchSetup, teacher: TeacherCh
             )
         if teacher.footprint in ("copy", "external"):
             raise RecipeError(
-                f"FSDP with a teacher that has its own weights ({teacher.description}): the trainer prepares it with "
-                "accelerator.prepare_model(teacher, evaluation_mode=True), which under FSDP neither shards it nor "
-                "moves it to the GPU, so its first forward fails on a device mismatch. Set use_peft: true (the "
-                "self-teacher is then the adapter-disabled student: no extra weights), or launch with DeepSpeed "
-                "(accelerate_configs/deepspeed_zero2.yaml or deepspeed_zero3.yaml)"
+                f"FSDP with a teacher that has its own weights ({teacher.description}) has not been run on GPUs yet "
+                "(the trainer shards it with TRL's prepare_fsdp, which needs fsdp_cpu_ram_efficient_loading: false). "
+                "Set use_peft: true (the self-teacher is then the adapter-disabled student: no extra weights), or "
+                "launch with DeepSpeed (accelerate_configs/deepspeed_zero2.yaml or deepspeed_zero3.yaml)"
             )
     if setup.distributed == "deepspeed" and setup.zero_stage == 3 and setup.zero3_init and teacher.footprint == "copy":
         raise RecipeError(

@@ -219,7 +219,7 @@ def test_opsd_equals_the_opsd_trainer_loss_with_the_same_clip_plus_the_reinforce
     rows = _rows(4)
     cap = 2e-4  # the self-teacher of a random model differs little: a small cap makes the clip bind
     unified = _trainer(tmp_path, rows, reward_funcs=[math_answer_reward], preset="opsd", kl_clip=cap, beta=1.0)
-    assert _bare(tmp_path, preset="opsd").kl_clip == 1.0
+    assert _bare(tmp_path, preset="opsd").kl_clip is None  # measured better than DESIGN.md's 1.0 (module docstring)
     reference = OPSDTrainer(model=build_tiny_model(_tokenizer(), seed=1),
                             args=OPSDConfig(output_dir=str(tmp_path / "opsd"), beta=1.0, kl_clip=cap, **COMMON),
                             train_dataset=Dataset.from_list(rows), processing_class=_tokenizer())
@@ -306,9 +306,11 @@ def test_presets_fill_the_design_table(tmp_path, preset):
 
 
 def test_design_table_values():
-    table = {  # DESIGN.md, "Unified objective": alpha, lambda, teacher, sampler, kl_clip
+    # DESIGN.md, "Unified objective": alpha, lambda, teacher, sampler, kl_clip; except opsd's clip, which DESIGN
+    # gives as 1.0 and the world measured as harmful (see trl_opsd/unified.py's docstring)
+    table = {
         "sft_rs": (0, 1, "external", "teacher", None), "rl_outcome": (1, 0, "none", "student", None),
-        "opd": (1, 1, "external", "student", None), "opsd": (1, 1, "self", "student", 1.0),
+        "opd": (1, 1, "external", "student", None), "opsd": (1, 1, "self", "student", None),
         "kd": (0, 1, "external", "dataset", None),
     }
     for preset, row in table.items():
@@ -322,7 +324,6 @@ def test_explicit_arguments_override_a_preset(tmp_path):
     args = _bare(tmp_path, preset="opd", reward_weight=0.0)
     assert (args.reward_weight, args.distillation_weight) == (0.0, 1.0)
     assert _bare(tmp_path, preset="opsd", kl_clip=0.3).kl_clip == 0.3
-    assert _bare(tmp_path, preset="opsd", kl_clip=None).kl_clip is None  # an explicit None turns the clip off
     assert _bare(tmp_path).kl_clip is None and _bare(tmp_path, kl_clip=0.5).kl_clip == 0.5
     args = _bare(tmp_path, preset="rl_outcome", distillation_weight=0.5, teacher_kind="self")
     assert args.teacher_kind == "self" and args.privileged_from == "answer"
@@ -558,7 +559,7 @@ def test_kd_ten_steps_through_the_trainer_lower_the_loss(tmp_path):
 
 WORLD_PRESET_SETTINGS = {
     "rl_outcome": dict(num_generations=4, per_device_train_batch_size=32, max_steps=120),
-    "opsd": dict(beta=1.0, per_device_train_batch_size=64, max_steps=150),
+    "opsd": dict(per_device_train_batch_size=64, max_steps=150),
 }
 
 
@@ -567,10 +568,10 @@ def _train_on_world(warm_path, preset, out_dir, **settings):
     from harness.arms import load
 
     model, tokenizer = load(warm_path)
+    settings = {"learning_rate": 1e-3, "lr_scheduler_type": "linear", **settings}
     args = UnifiedConfig(
-        output_dir=str(out_dir), preset=preset, learning_rate=1e-3, lr_scheduler_type="linear", max_new_tokens=40,
-        max_prompt_length=128, logging_steps=10, save_strategy="no", report_to="none", use_cpu=True, bf16=False,
-        seed=0, geometry_steps=0, **settings,
+        output_dir=str(out_dir), preset=preset, max_new_tokens=40, max_prompt_length=128, logging_steps=10,
+        save_strategy="no", report_to="none", use_cpu=True, bf16=False, seed=0, geometry_steps=0, **settings,
     )
     rows = problems_to_rows(generate_problems(args.per_device_train_batch_size * args.max_steps, "train", seed=1))
     trainer = UnifiedTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
@@ -589,16 +590,18 @@ def world_problems_and_baseline(warm_world):
     return problems, no_hint_correctness(warm_world.path, problems)
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(
+RL_OUTCOME_DEGRADES = pytest.mark.xfail(
     reason=(
-        "measured in the pre-CI run of 2026-11-22 on world v4 (start 65/300 = 21.7% no-hint): rl_outcome -> 14/300 "
-        "(7 up / 58 down, p = 4e-11), opsd -> 0/300 (0 up / 65 down, p = 5e-20): both degrade; see issue 3's note "
-        "on the EOS/repetition collapse. Not strict: CI rebuilds the world from scratch."
+        "measured 2026-11-22 on world v4 (start 65/300 = 21.7% no-hint): rl_outcome (REINFORCE with a leave-one-out "
+        "baseline, 4 samples per prompt, lr 1e-3) -> 14/300 (7 up / 58 down, p = 4e-11); the opsd preset on the same "
+        "problems -> 105/300 (p = 1e-5). Open in issue 5. Not strict: CI rebuilds the world from scratch."
     ),
     strict=False,
 )
-@pytest.mark.parametrize("preset", list(WORLD_PRESET_SETTINGS))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", [pytest.param("rl_outcome", marks=RL_OUTCOME_DEGRADES), "opsd"])
 def test_preset_beats_the_warm_start_on_held_out_problems(warm_world, world_problems_and_baseline, tmp_path, preset):
     from harness.arms import no_hint_correctness
     from harness.stats import mcnemar_test

@@ -36,7 +36,7 @@ from trl import SFTTrainer
 from trl.experimental.gkd import GKDConfig, GKDTrainer
 from trl.import_utils import is_vllm_available
 from trl.models import prepare_deepspeed
-from trl.models.utils import unwrap_model_for_generation
+from trl.models.utils import prepare_fsdp, unwrap_model_for_generation
 from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import disable_dropout_in_model, pad
 
@@ -258,13 +258,55 @@ class OPSDTrainer(GKDTrainer):
 
     # -- construction ---------------------------------------------------------------------------
     def _prepare_frozen(self, module: nn.Module) -> nn.Module:
+        """Place (and shard) a frozen teacher module the way TRL's trainers place their reference models.
+
+        Under FSDP, ``accelerator.prepare_model(module, evaluation_mode=True)`` neither wraps the module (evaluation
+        mode skips wrapping) nor moves it (device placement is off under FSDP): it would stay on the CPU while the
+        student runs sharded on the GPUs. TRL's ``prepare_fsdp`` shards it with the student's FSDP settings instead.
+        """
         if self.is_deepspeed_enabled:
             return prepare_deepspeed(module, self.accelerator)
+        if self.is_fsdp_enabled:
+            meta = next((name for name, p in module.named_parameters() if p.is_meta), None)
+            if meta is not None:
+                raise ValueError(
+                    f"under FSDP the teacher's parameter {meta!r} is on the meta device on process "
+                    f"{self.accelerator.process_index}: with fsdp_cpu_ram_efficient_loading: true, transformers loads "
+                    "weights on the first process only and FSDP broadcasts them into the student, never into a "
+                    "separate teacher (or a frozen copy of the student made before that). Set "
+                    "fsdp_cpu_ram_efficient_loading: false in the accelerate config, or use_peft: true (the "
+                    "adapter-disabled self-teacher has no weights of its own)"
+                )
+            return prepare_fsdp(module, self.accelerator)
         return self.accelerator.prepare_model(module, evaluation_mode=True)
+
+    def _check_fsdp_support(self) -> None:
+        """Refuse, at construction, the FSDP setups that would fail (or hang) at the first rollout or step."""
+        if not self.is_fsdp_enabled:
+            return
+        version = self.accelerator.state.fsdp_plugin.fsdp_version
+        if version != 2:
+            raise ValueError(
+                f"FSDP{version} cannot run OPSDTrainer: rollouts are sampled from (and a self-teacher runs on) "
+                "accelerator.unwrap_model(model), outside the root FSDP1 unit, whose flat parameters (embeddings, "
+                "lm_head) stay sharded there; TRL's unwrap_model_for_generation gathers only DeepSpeed ZeRO-3 "
+                "parameters. Set fsdp_version: 2 (accelerate_configs/fsdp.yaml) or use DeepSpeed"
+            )
+
+    def _check_ema_under_fsdp(self) -> None:
+        if self.is_fsdp_enabled:
+            raise ValueError(
+                "self_teacher='ema' (OPSDConfig.self_teacher) is not supported under FSDP: the EMA update "
+                "(TRL's SyncRefModelCallback) gathers parameters for DeepSpeed ZeRO-3 only, and the student's and "
+                "teacher's FSDP shards are not synchronised here. Use self_teacher='frozen' or 'live', an external "
+                "teacher_model, or launch the EMA teacher with DeepSpeed (accelerate_configs/deepspeed_zero2.yaml / "
+                "deepspeed_zero3.yaml)"
+            )
 
     def _build_teacher(self, teacher_model, teacher_processing_class):
         """(teacher backend, teacher nn.Module or None) for the configured kind of teacher."""
         args = self.args
+        self._check_fsdp_support()
         if isinstance(teacher_model, Teacher) and not isinstance(teacher_model, LocalTeacher):
             return self._check_remote_teacher(teacher_model), None
         if teacher_model is None:
@@ -277,6 +319,8 @@ class OPSDTrainer(GKDTrainer):
                 return (AdapterDisabledTeacher() if args.self_teacher == "frozen" else LiveTeacher()), None
             if args.self_teacher == "live":
                 return LiveTeacher(), None
+            if args.self_teacher == "ema":
+                self._check_ema_under_fsdp()
             teacher = self._prepare_frozen(frozen_copy(self.model))
             if args.self_teacher == "ema":
                 self.add_callback(_EMATeacherCallback(teacher, args.teacher_ema_decay, self.accelerator))
