@@ -17,6 +17,10 @@ Fault injection: :meth:`LoopbackServer.inject` queues actions for the next reque
 ``"429:<s>"``, ``"429-date:<epoch>"``, ``"hang"``, ``"drop"``, ``"malformed"``, ``"sse_cut"``,
 ``"sse_drop"``, ``"sse_error"``, ``"400"``); ``fraction_500`` fails a seeded random fraction; ``latency_s`` delays every
 request. Every request is counted and logged (path, JSON body, headers) for assertions.
+
+``cache_completions=True`` makes ``/v1/completions`` compute each distinct request body once and then serve
+the stored response (fresh ``id`` and ``created``), so a repeated request costs only JSON and ``latency_s``:
+for benchmarks of a client's concurrency, where the tiny model's forward would otherwise compete for the CPU.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class LoopbackServer:
         sse_variants: bool = False,
         sse_done: bool = True,
         sse_chunk_bytes: int = 13,
+        cache_completions: bool = False,
     ) -> None:
         if flavor not in ("vllm", "openai"):
             raise ValueError(flavor)
@@ -74,6 +79,9 @@ class LoopbackServer:
         self.sse_variants = sse_variants
         self.sse_done = sse_done
         self.sse_chunk_bytes = sse_chunk_bytes
+        self.cache_completions = cache_completions
+        self.completions_computed = 0  # /v1/completions responses actually computed (cache misses included)
+        self._completion_cache: dict[str, tuple[int, dict[str, Any]]] = {}
         self.stop = threading.Event()
         self.counts: Counter[str] = Counter()
         self.log: list[dict[str, Any]] = []
@@ -125,6 +133,24 @@ class LoopbackServer:
     # ------------------------------------------------------------ vLLM / OpenAI completions
 
     def completions(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        if not self.cache_completions:
+            return self._compute_completions(body)
+        key = json.dumps(body, sort_keys=True)
+        with self._lock:
+            hit = self._completion_cache.get(key)
+        if hit is None:
+            hit = self._compute_completions(body)
+            with self._lock:
+                self._completion_cache[key] = hit
+        status, payload = hit
+        if status != 200:
+            return status, payload
+        # A fresh envelope per response; the stored choices are shared and never mutated.
+        return status, {**payload, "id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time())}
+
+    def _compute_completions(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        with self._lock:
+            self.completions_computed += 1
         cap = VLLM_MAX_LOGPROBS if self.flavor == "vllm" else OPENAI_MAX_LOGPROBS
         if self.flavor == "openai":
             unknown = sorted(set(body) - OPENAI_COMPLETION_FIELDS)

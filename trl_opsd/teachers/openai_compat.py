@@ -36,7 +36,6 @@ Completions quickstart) is reached with :meth:`OpenAICompatTeacher.for_cortex`; 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -315,7 +314,8 @@ class OpenAICompatTeacher(Teacher):
                 row = parse_echo_logprobs(choice["logprobs"], sent, prompt_len, k, self._to_id)
             else:
                 raise RemoteTeacherError(f"{self!r}: the response carries no log-probs (does the server support echo?)")
-            return dataclasses.asdict(row)
+            # A shallow dict: the lists are fresh, and asdict's recursive copy of them cost ~1 ms of GIL per row.
+            return dict(vars(row))
         return call
 
     def verify_tokenizer(self, sample_ids: Sequence[int]) -> None:
