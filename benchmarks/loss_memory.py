@@ -31,26 +31,19 @@ import subprocess
 import sys
 import time
 
+from process_memory import MMAP_THRESHOLD_BYTES, proc_status_bytes  # benchmarks/ is on sys.path when run as a script
+
 METHODS = ("ours", "gkd_dense", "trl_chunked")
-MMAP_THRESHOLD_BYTES = 64 * 1024
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # worker: one measurement in a fresh process
 
 
-def _proc_status_bytes(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _limit_address_space(extra_bytes: int) -> None:
     import resource
 
-    limit = _proc_status_bytes("VmSize") + extra_bytes
+    limit = proc_status_bytes("VmSize") + extra_bytes
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
@@ -140,7 +133,7 @@ def worker(args: argparse.Namespace) -> None:
         baseline = torch.cuda.memory_allocated()
     else:
         _limit_address_space(int(args.memory_limit_gib * 2**30))
-        baseline = _proc_status_bytes("VmRSS")
+        baseline = proc_status_bytes("VmRSS")
         with open("/proc/self/clear_refs", "w") as clear_refs:
             clear_refs.write("5")  # reset VmHWM to the current resident set
 
@@ -157,7 +150,7 @@ def worker(args: argparse.Namespace) -> None:
         result["error"] = f"out of memory within {args.memory_limit_gib:g} GiB"
     else:
         result["seconds"] = time.perf_counter() - start
-        peak = torch.cuda.max_memory_allocated() if cuda else _proc_status_bytes("VmHWM")
+        peak = torch.cuda.max_memory_allocated() if cuda else proc_status_bytes("VmHWM")
         result["peak_bytes"] = peak - baseline
         result["loss"] = loss.item()
     print(json.dumps(result))

@@ -32,20 +32,13 @@ import subprocess
 import sys
 import time
 
+from process_memory import MMAP_THRESHOLD_BYTES, proc_status_bytes  # benchmarks/ is on sys.path when run as a script
+
 ARMS = ("gkd", "ours", "ours_dense")
-MMAP_THRESHOLD_BYTES = 64 * 1024
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # worker: one training run in a fresh process
-
-
-def _proc_status_bytes(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _llama(tokenizer, args: argparse.Namespace, seed: int):
@@ -121,7 +114,7 @@ def worker(args: argparse.Namespace) -> None:
 
     class Clock(TrainerCallback):
         def on_train_begin(self, *_, **__):
-            baseline["rss"] = _proc_status_bytes("VmRSS")
+            baseline["rss"] = proc_status_bytes("VmRSS")
             with open("/proc/self/clear_refs", "w") as clear_refs:
                 clear_refs.write("5")  # reset VmHWM to the current resident set
             step_ends.append(time.perf_counter())
@@ -138,7 +131,7 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps({
         "arm": args.worker,
         "step_seconds": step_seconds,
-        "peak_bytes": _proc_status_bytes("VmHWM") - baseline["rss"],
+        "peak_bytes": proc_status_bytes("VmHWM") - baseline["rss"],
         "rollout_seconds": rollouts["seconds"][1:],  # one rollout per step (no accumulation); warm-up dropped
         "prompt_tokens": statistics.mean(rollouts["prompt_tokens"]),
         "generated_tokens": sorted(set(rollouts["generated_tokens"])),
