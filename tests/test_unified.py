@@ -558,7 +558,8 @@ def test_kd_ten_steps_through_the_trainer_lower_the_loss(tmp_path):
 # -- the arithmetic world: outcome RL and OPSD each beat the warm start -------------------------------
 
 WORLD_PRESET_SETTINGS = {
-    # Outcome RL needs a smaller step than distillation: at lr 1e-3 it fell from 65 to 14 of 300 (p = 4e-11).
+    # Measured 2026-11-22 (start 65/300): rl_outcome 83/300 (p = 0.011), opsd 105/300 (p = 1e-5). Outcome RL needs
+    # a smaller step than distillation: at lr 1e-3 it fell to 14/300 (p = 4e-11).
     "rl_outcome": dict(num_generations=4, per_device_train_batch_size=32, max_steps=120, learning_rate=1e-4),
     "opsd": dict(per_device_train_batch_size=64, max_steps=150),
 }
@@ -591,18 +592,8 @@ def world_problems_and_baseline(warm_world):
     return problems, no_hint_correctness(warm_world.path, problems)
 
 
-RL_OUTCOME_MARGIN = pytest.mark.xfail(
-    reason=(
-        "measured 2026-11-22 on world v4 (start 65/300): rl_outcome at lr 1e-4 -> 83/300 (32 up / 14 down, exact "
-        "McNemar p = 0.011), a thin margin; CI rebuilds the world from scratch (possibly with other thread counts, so "
-        "not bit-identical), hence not strict. The opsd preset: 105/300 (p = 1e-5), asserted."
-    ),
-    strict=False,
-)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", [pytest.param("rl_outcome", marks=RL_OUTCOME_MARGIN), "opsd"])
+@pytest.mark.parametrize("preset", list(WORLD_PRESET_SETTINGS))
 def test_preset_beats_the_warm_start_on_held_out_problems(warm_world, world_problems_and_baseline, tmp_path, preset):
     from harness.arms import no_hint_correctness
     from harness.stats import mcnemar_test
