@@ -71,10 +71,19 @@ class ProgressLines(TrainerCallback):
             print(f"  {self.name}: step {state.global_step}/{state.max_steps}, loss {logs['loss']:.4g}", flush=True)
 
 
-def _quiet(trainer, name: str) -> None:
-    """Replace the progress bar (and the log printer that replaces it) by ``ProgressLines``."""
-    trainer.remove_callback(PrinterCallback)
-    trainer.add_callback(ProgressLines(name))
+def _train_and_save(trainer, tokenizer, out_dir: Path, quiet: bool) -> list:
+    """Train, then write the weights, the tokenizer and, last, ``log_history.json``: the marker of a finished run.
+
+    ``quiet`` replaces the progress bar (and the log printer that stands in for it) by ``ProgressLines``.
+    """
+    if quiet:
+        trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(ProgressLines(out_dir.name))
+    trainer.train()
+    trainer.save_model(str(out_dir))
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    return trainer.state.log_history
 
 
 def load(path: str):
@@ -105,16 +114,18 @@ def train_arm(
         processing_class=tokenizer,
         teacher_processing_class=AutoTokenizer.from_pretrained(arm.teacher_path) if arm.teacher_path else None,
     )
-    if quiet:
-        _quiet(trainer, arm.name)
-    trainer.train()
-    trainer.save_model(str(out_dir))
-    tokenizer.save_pretrained(out_dir)
-    (out_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
-    return str(out_dir), trainer.state.log_history
+    return str(out_dir), _train_and_save(trainer, tokenizer, out_dir, quiet)
 
 
-def train_sft(start_path: str, out_dir: str | Path, max_steps: int, seed: int = 0, quiet: bool = False) -> str:
+def train_sft(
+    start_path: str,
+    out_dir: str | Path,
+    max_steps: int,
+    seed: int = 0,
+    quiet: bool = False,
+    batch_size: int = WORLD_TRAINING_DEFAULTS["per_device_train_batch_size"],
+    learning_rate: float = 1e-3,
+) -> str:
     """Plain SFT on gold worked solutions from ``start_path`` (no hints): the supervised reference point,
     and a stronger separate teacher for OPD.
 
@@ -124,24 +135,18 @@ def train_sft(start_path: str, out_dir: str | Path, max_steps: int, seed: int = 
     if (out_dir / "log_history.json").exists():
         return str(out_dir)
     model, tokenizer = load(start_path)
-    batch = WORLD_TRAINING_DEFAULTS["per_device_train_batch_size"]
-    problems = generate_problems(batch * max_steps, "train", seed=seed + 2)
+    problems = generate_problems(batch_size * max_steps, "train", seed=seed + 2)
     rows = [
         {"prompt": p.to_row()["messages"], "completion": [{"role": "assistant", "content": p.solution}]}
         for p in problems
     ]
     args = SFTConfig(
-        output_dir=str(out_dir), per_device_train_batch_size=batch, max_steps=max_steps, learning_rate=1e-3,
-        lr_scheduler_type="linear", logging_steps=10, save_strategy="no", report_to="none", use_cpu=True,
-        bf16=False, seed=seed, max_length=256, disable_tqdm=quiet,
+        output_dir=str(out_dir), per_device_train_batch_size=batch_size, max_steps=max_steps,
+        learning_rate=learning_rate, lr_scheduler_type="linear", logging_steps=10, save_strategy="no",
+        report_to="none", use_cpu=True, bf16=False, seed=seed, max_length=256, disable_tqdm=quiet,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
-    if quiet:
-        _quiet(trainer, out_dir.name)
-    trainer.train()
-    trainer.save_model(str(out_dir))
-    tokenizer.save_pretrained(out_dir)
-    (out_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    _train_and_save(trainer, tokenizer, out_dir, quiet)
     return str(out_dir)
 
 

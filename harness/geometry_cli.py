@@ -52,24 +52,11 @@ def stronger_teacher(warm_path: str, settings: TeacherSettings, seed: int = 0) -
 
 
 def _train_teacher(warm_path: str, settings: TeacherSettings, seed: int, out_dir: Path) -> float:
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
     from harness.arithmetic import generate_problems
-    from harness.arms import load, no_hint_correctness
+    from harness.arms import no_hint_correctness, train_sft
 
-    model, tokenizer = load(warm_path)
-    problems = generate_problems(settings.steps * settings.batch_size, "train", seed=seed + 2)
-    rows = [{"prompt": p.to_row()["messages"], "completion": [{"role": "assistant", "content": p.solution}]}
-            for p in problems]
-    args = SFTConfig(
-        output_dir=str(out_dir / "trainer"), per_device_train_batch_size=settings.batch_size,
-        learning_rate=settings.learning_rate, lr_scheduler_type="linear", max_steps=settings.steps,
-        logging_steps=50, save_strategy="no", report_to="none", seed=seed, use_cpu=True, bf16=False, max_length=256,
-    )
-    SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer).train()
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    train_sft(warm_path, out_dir, settings.steps, seed, batch_size=settings.batch_size,
+              learning_rate=settings.learning_rate)
     correct = no_hint_correctness(str(out_dir), generate_problems(settings.num_eval_problems, "test", seed=seed))
     return sum(correct) / len(correct)
 

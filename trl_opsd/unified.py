@@ -36,7 +36,6 @@ without it 105 (p = 1e-5), so the preset leaves the clip off; pass ``kl_clip=1.0
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,19 +65,16 @@ PRESETS: dict[str, dict] = {
                distillation_loss="hinton"),
 }
 # What an unset knob means when no preset sets it: plain distillation of the student's own samples.
-_BASE_VALUES = dict(reward_weight=0.0, distillation_weight=1.0, sampler="student", distillation_loss="divergence",
-                    kl_clip=None)
+_BASE_VALUES = dict(reward_weight=0.0, distillation_weight=1.0, sampler="student", distillation_loss="divergence")
 # GKD's knobs that the sampler decides: (lmbda = on-policy fraction, seq_kd = sample from the teacher).
 _SAMPLER_SOURCES = {"student": (1.0, False), "teacher": (0.0, True), "dataset": (0.0, False)}
 
 
 def _is_unset(instance, name: str) -> bool:
-    """Whether a field still holds its default (NaN defaults included), i.e. was not given."""
+    """Whether a field still holds its default, i.e. was not given."""
     spec = next(f for f in dataclasses.fields(instance) if f.name == name)
     default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
-    value = getattr(instance, name)
-    return value == default or (isinstance(value, float) and isinstance(default, float) and math.isnan(value)
-                                and math.isnan(default))
+    return getattr(instance, name) == default
 
 
 @dataclass
@@ -86,10 +82,9 @@ class UnifiedConfig(OPSDConfig):
     r"""
     Configuration for [`UnifiedTrainer`]: every [`OPSDConfig`] argument plus the knobs of the unified objective.
 
-    A knob counts as given when it differs from its default (``None`` / ``False`` / ``"auto"``; for `kl_clip`, NaN,
-    so `kl_clip=None` explicitly turns a preset's clip off); a `preset` fills the knobs that are not given, explicit
-    ones override it, and combinations that contradict each other raise a `ValueError` naming the keys (and which
-    of them came from the preset).
+    A knob counts as given when it differs from its default (``None`` / ``False`` / ``"auto"``); a `preset` fills
+    the knobs that are not given, explicit ones override it, and combinations that contradict each other raise a
+    `ValueError` naming the keys (and which of them came from the preset).
 
     Knobs:
         preset (`str` or `None`): one of `sft_rs`, `rl_outcome`, `opd`, `opsd`, `kd` (see the module docstring).
@@ -127,8 +122,6 @@ class UnifiedConfig(OPSDConfig):
     distillation_loss: str | None = field(default=None, metadata={"help": f"One of {DISTILLATION_LOSSES}."})
     hinton_alpha: float = field(default=0.5)
     privileged_from: str | None = field(default="auto", metadata={"help": "Column turned into privileged context."})
-    # NaN = not given, so that an explicit None (no clipping) can override a preset's cap.
-    kl_clip: float | None = field(default=math.nan, metadata={"help": "Per-token divergence cap; None: no clipping."})
     geometry_steps: int = field(default=1, metadata={"help": "Log gradient geometry every N steps (0: never)."})
 
     def __post_init__(self):
