@@ -1,15 +1,21 @@
 """Scoring throughput of the OpenAI-compatible teacher vs. concurrency; prints a markdown snippet.
 
     python benchmarks/teacher_throughput.py [--rows 32] [--latency-ms 50] [--repeats 5] [--k 8]
+                                            [--server process|in-process]
 
-Each run scores ``--rows`` rows (one ``/v1/completions`` request per row, vLLM dialect, top-k log-probs)
-against the loopback server of ``tests/servers`` with ``--latency-ms`` of injected latency per request,
-with the client's cache off so every row is a real request. Reported per concurrency 1, 2, 4, 8: median rows/s
-over ``--repeats`` (min-max), and the ratio to the ideal ``concurrency x (single-request rate)``.
+Measures how well ``OpenAICompatTeacher`` (the real ``openai`` client, one ``/v1/completions`` request per row,
+vLLM dialect, top-k log-probs, run by ``RemoteExecutor``'s thread pool) overlaps requests: each run scores
+``--rows`` distinct rows with the client's cache off, so every row is a real request, against the loopback
+vLLM-wire-format server of ``tests/servers`` with ``--latency-ms`` of injected latency per request. Reported per
+concurrency 1, 2, 4, 8: median rows/s over ``--repeats`` (min-max), and the ratio to the ideal
+``concurrency x (single-request rate)``; levels are interleaved within each repeat.
 
-The server runs with ``cache_completions=True`` and a warm-up pass computes every row's response once, so in
-the timed runs a request costs the server only JSON and the injected latency (same vLLM wire format): the
-benchmark measures the client's concurrency, not the tiny model's forward competing with it for the CPU.
+The server runs in its own process by default (``LoopbackServerProcess``), as a real vLLM server does, so its
+CPU work and its GIL are not the client's; ``--server in-process`` runs it as a thread of this process instead
+(the earlier setting: client and server then serialize on one GIL). The server runs with
+``cache_completions=True`` and a warm-up pass computes every row's response once, so in the timed runs a request
+costs the server only its HTTP handling and the injected latency (same wire format), and the run asserts that no
+timed request was computed: the benchmark measures the client's concurrency, not the tiny model's forward.
 """
 
 from __future__ import annotations
@@ -21,24 +27,32 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from servers import LoopbackServer, TinyLM  # noqa: E402
+from servers import LoopbackServer, LoopbackServerProcess, TinyLM, build_tokenizer  # noqa: E402
 
 from trl_opsd.teachers import OpenAICompatTeacher  # noqa: E402
 
 CONCURRENCY = (1, 2, 4, 8)
 
 
-def rows(lm: TinyLM, n: int) -> tuple[list[list[int]], list[list[int]]]:
+def rows(tok: Any, n: int) -> tuple[list[list[int]], list[list[int]]]:
     """``n`` distinct rows (identical rows would be sent once and inflate the rate)."""
-    tok = lm.tokenizer
     digits = [" ".join(str(i)) for i in range(n)]
     prompts = [tok(f"step {d} : tom has {d} apples and buys 3 more . what is the total ?")["input_ids"] for d in digits]
     completions = [tok(f"so {d} + 3 = the total and the answer is {d}", add_special_tokens=False)["input_ids"]
                    for d in digits]
     return prompts, completions
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -47,16 +61,20 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=50.0)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--k", type=int, default=8)
+    parser.add_argument("--server", choices=("process", "in-process"), default="process",
+                        help="server in its own process (like a real vLLM server) or a thread of this one")
     args = parser.parse_args()
 
-    lm = TinyLM()
-    prompts, completions = rows(lm, args.rows)
+    tokenizer = build_tokenizer()  # the server's TinyLM builds the same one
+    prompts, completions = rows(tokenizer, args.rows)
     assert len({tuple(p + c) for p, c in zip(prompts, completions)}) == args.rows
     results: dict[int, list[float]] = {c: [] for c in CONCURRENCY}
+    server_options = {"latency_s": args.latency_ms / 1000, "cache_completions": True}
     load_before = os.getloadavg()[0]
-    with LoopbackServer(lm, latency_s=args.latency_ms / 1000, cache_completions=True) as server:
+    with (LoopbackServerProcess(**server_options) if args.server == "process"
+          else LoopbackServer(TinyLM(), **server_options)) as server:
         teachers = {
-            c: OpenAICompatTeacher(server.url + "/v1", server.model_name, student_tokenizer=lm.tokenizer,
+            c: OpenAICompatTeacher(server.url + "/v1", server.model_name, student_tokenizer=tokenizer,
                                    max_concurrency=c, check_tokenizer=False, cache=None)
             for c in CONCURRENCY
         }
@@ -79,8 +97,9 @@ def main() -> None:
 
     base = statistics.median(results[1])
     print(f"### Teacher scoring throughput (loopback vLLM server, {args.latency_ms:g} ms injected latency)\n")
+    where = "its own process" if args.server == "process" else "a thread of the client's process"
     print(f"`python benchmarks/teacher_throughput.py --rows {args.rows} --latency-ms {args.latency_ms:g} "
-          f"--repeats {args.repeats} --k {args.k}` on {platform.processor() or platform.machine()}, "
+          f"--repeats {args.repeats} --k {args.k} --server {args.server}` (server in {where}) on {cpu_name()}, "
           f"{os.cpu_count()} CPUs, Python {platform.python_version()}; {args.rows} rows of "
           f"{len(prompts[0])}+{len(completions[0])} tokens, one request per row, top-{args.k}, client cache off, "
           f"server responses precomputed (`cache_completions=True`); "

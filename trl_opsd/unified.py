@@ -31,6 +31,10 @@ without it 105 (p = 1e-5), so the preset leaves the clip off; pass ``kl_clip=1.0
 
 ``kd`` replaces D by Hinton's loss on dataset completions, ``hinton_alpha * T^2 * KL(p_T || p_S) +
 (1 - hinton_alpha) * CE`` with ``T = loss_temperature`` and the completion token as the CE target.
+
+As in ``OPSDTrainer``, ``chunked_loss`` (the default) computes D and R's log-probabilities from final hidden states and
+the LM heads a chunk of positions at a time, never holding ``[batch, completion, vocab]`` logits; Hinton's loss, and
+whatever ``OPSDTrainer`` cannot chunk, use the dense logits (said once in an info log).
 """
 
 from __future__ import annotations
@@ -39,16 +43,18 @@ import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from trl.experimental.gkd import GKDConfig
 
+from trl_opsd.chunked import chunked_teacher_scores, chunked_token_log_probs
 from trl_opsd.config import OPSDConfig, _check_choice
 from trl_opsd.geometry import GeometryRecorder
-from trl_opsd.losses import clip_per_token, hinton_kd_loss, per_token_divergence, token_log_probs
+from trl_opsd.losses import hinton_kd_loss, per_token_entropy, token_log_probs
 from trl_opsd.teachers.base import Teacher
 from trl_opsd.teachers.local import LocalTeacher
-from trl_opsd.trainer import OPSDTrainer
+from trl_opsd.trainer import HeadInputs, OPSDTrainer
 
 TEACHER_KINDS = ("external", "self", "none")
 SAMPLERS = ("student", "teacher", "dataset")
@@ -192,9 +198,9 @@ class UnifiedConfig(OPSDConfig):
             raise ValueError(f"num_generations={self.num_generations} with {d('sampler')} would repeat identical rows")
         if self.distillation_loss == "hinton" and self.kl_clip is not None:
             raise ValueError(f"{d('kl_clip')} does not apply to {d('distillation_loss')}")
-        # Both distillation losses read the teacher's dense logits (Hinton's soft term included).
+        # Both distillation losses read the teacher's whole distribution (Hinton's soft term included).
         if self.divergence != "full":
-            raise ValueError(f"the unified trainer computes dense divergences: divergence must be 'full', got "
+            raise ValueError(f"the unified trainer compares whole distributions: divergence must be 'full', got "
                              f"{self.divergence!r}")
         if kind == "none":
             if lam > 0:
@@ -253,6 +259,16 @@ def leave_one_out_advantages(rewards: torch.Tensor, num_generations: int) -> tor
     groups = rewards.view(-1, num_generations)
     baseline = (groups.sum(1, keepdim=True) - groups) / (num_generations - 1)
     return (groups - baseline).view(-1)
+
+
+class _TokenTerms(NamedTuple):
+    """What the objective and the metrics need from one micro-batch, by the dense or the chunked path."""
+
+    distillation: torch.Tensor | None  # [B, T] per-token D to reduce (clipped divergence, or Hinton's mean spread)
+    divergence: torch.Tensor | None  # [B, T] to log (None for Hinton)
+    log_probs: torch.Tensor | None  # [B, T] log p_S(y_t) at the sampling temperature, for R
+    student_entropy: torch.Tensor  # [N] at the unmasked positions, at the loss temperature
+    teacher_entropy: torch.Tensor | None  # [N], None without a teacher forward
 
 
 class UnifiedTrainer(OPSDTrainer):
@@ -396,23 +412,57 @@ class UnifiedTrainer(OPSDTrainer):
             metrics["accepted_fraction"].append(torch.cat([b["sample_weight"] for b in batches]).mean().item())
 
     # -- loss ---------------------------------------------------------------------------------------
-    def _distillation_term(self, student_logits, teacher_logits, inputs, mask, num_items_in_batch):
-        """(D normalised by the window, D over this micro-batch, per-token divergence or None for Hinton)."""
+    def _why_dense_loss(self) -> str | None:
+        reason = super()._why_dense_loss()
+        if reason is None and self.args.distillation_loss == "hinton" and self.args.distillation_weight > 0:
+            reason = "distillation_loss='hinton' is computed from full logits"
+        return reason
+
+    def _dense_token_terms(self, student_logits, teacher_logits, inputs, mask) -> _TokenTerms:
+        """D's per-token loss, R's log-probabilities and the metrics' entropies from the full logits."""
         args = self.args
-        if args.distillation_loss == "hinton":
+        distillation = divergence = log_probs = None
+        if args.distillation_weight > 0 and args.distillation_loss == "hinton":
             labels = inputs["completions"].masked_fill(~mask, -100)
             mean = hinton_kd_loss(student_logits, teacher_logits, labels, args.hinton_alpha, args.loss_temperature)
             # Spread the micro-batch mean over its tokens so the window normalisation is OPSDTrainer's.
-            per_token = mean.expand(mask.shape)
-            return self.token_sum_to_loss(per_token, mask, num_items_in_batch), mean.detach(), None
-        divergence = per_token_divergence(student_logits, teacher_logits, self.beta, args.loss_temperature)
-        clipped = clip_per_token(divergence, args.kl_clip, args.kl_clip_mode)
-        term = self.token_sum_to_loss(clipped, mask, num_items_in_batch)
-        return term, self.token_sum_to_loss(clipped.detach(), mask, None), divergence
+            distillation = mean.expand(mask.shape)
+        elif args.distillation_weight > 0:
+            distillation, divergence = self.distillation_terms(student_logits, teacher_logits, inputs)
+        if args.reward_weight > 0:
+            log_probs = token_log_probs(student_logits, inputs["completions"], self.temperature)
+        with torch.no_grad():
+            student_entropy = per_token_entropy(student_logits[mask], args.loss_temperature)
+            teacher_entropy = None if teacher_logits is None else per_token_entropy(
+                teacher_logits[mask], args.loss_temperature
+            )
+        return _TokenTerms(distillation, divergence, log_probs, student_entropy, teacher_entropy)
 
-    def _reinforce_term(self, student_logits, inputs, mask):
+    def _chunked_token_terms(self, student: HeadInputs, teacher: HeadInputs | None, inputs, mask) -> _TokenTerms:
+        """:meth:`_dense_token_terms` from hidden states and LM heads, a chunk of positions at a time."""
+        args = self.args
+        distillation = divergence = log_probs = student_entropy = teacher_entropy = None
+        if args.distillation_weight > 0:
+            terms = self.chunked_distillation_terms(student, teacher, inputs, mask)
+            distillation, divergence = terms.per_token_loss, terms.divergence
+            student_entropy, teacher_entropy = terms.student_entropy[mask], terms.teacher_entropy[mask]
+        if args.reward_weight > 0:
+            out = chunked_token_log_probs(
+                student.hidden, student.weight, inputs["completions"], self.temperature, mask=mask,
+                chunk_size=args.loss_chunk_size, student_bias=student.bias,
+            )
+            log_probs = out.values
+            if student_entropy is None and self.temperature == args.loss_temperature:
+                student_entropy = out.student_entropy[mask]
+        if student_entropy is None:  # the metrics' entropy is at the loss temperature
+            student_entropy = chunked_teacher_scores(
+                student.hidden, student.weight, args.loss_temperature, mask=mask, chunk_size=args.loss_chunk_size,
+                bias=student.bias,
+            ).entropy[mask]
+        return _TokenTerms(distillation, divergence, log_probs, student_entropy, teacher_entropy)
+
+    def _reinforce_term(self, log_probs, inputs, mask):
         """(R normalised by the window's sequences, R over this micro-batch): ``-A_i * mean_t log p_S(y_t)``."""
-        log_probs = token_log_probs(student_logits, inputs["completions"], self.temperature)
         log_probs = torch.where(mask, log_probs, torch.zeros_like(log_probs))
         sequence_mean = log_probs.sum(1) / mask.sum(1).clamp(min=1)
         surrogate = -(inputs["advantages"].to(sequence_mean.dtype) * sequence_mean)[:, None]
@@ -429,24 +479,30 @@ class UnifiedTrainer(OPSDTrainer):
             inputs = self._score(inputs)
             self._record_reward_metrics([inputs], "train" if model.training else "eval")
         args = self.args
-        student_logits, teacher_logits = self.completion_views(model, inputs)
         mask = inputs["completion_mask"].bool() & (inputs["sample_weight"] > 0)[:, None]
-        loss = student_logits.new_zeros(())
-        divergence, terms = None, {}
-        if args.distillation_weight > 0:
-            distillation, terms["distillation_term"], divergence = self._distillation_term(
-                student_logits, teacher_logits, inputs, mask, num_items_in_batch
-            )
+        views = None if return_outputs else self.chunked_completion_views(model, inputs)  # return_outputs: logits
+        if views is None:
+            student_logits, teacher_logits = self.completion_views(model, inputs)
+            per_token = self._dense_token_terms(student_logits, teacher_logits, inputs, mask)
+            finite_checked = (student_logits, teacher_logits)
+        else:  # without logits, a non-finite logit shows up as a non-finite entropy at its position
+            per_token = self._chunked_token_terms(*views, inputs, mask)
+            finite_checked = (per_token.student_entropy, per_token.teacher_entropy)
+        loss, terms = 0.0, {}
+        if per_token.distillation is not None:
+            distillation = self.token_sum_to_loss(per_token.distillation, mask, num_items_in_batch)
+            terms["distillation_term"] = self.token_sum_to_loss(per_token.distillation.detach(), mask, None)
             loss = loss + args.distillation_weight * distillation
-        if args.reward_weight > 0:
-            reinforce, terms["reward_term"] = self._reinforce_term(student_logits, inputs, mask)
+        if per_token.log_probs is not None:
+            reinforce, terms["reward_term"] = self._reinforce_term(per_token.log_probs, inputs, mask)
             loss = loss + args.reward_weight * reinforce
-        loss = self._check_finite(loss, student_logits, teacher_logits, divergence)
-        self._record_metrics(inputs, divergence, mask, student_logits, teacher_logits)
+        loss = self._check_finite(loss, *finite_checked, per_token.divergence)
+        self._record_token_metrics(inputs, per_token.divergence, mask, per_token.student_entropy,
+                                   per_token.teacher_entropy)
         metrics = self._metrics["train" if self.model.training else "eval"]
         for name, value in terms.items():
             metrics[name].append(value.item())
-        self._record_geometry(inputs, divergence, mask)
+        self._record_geometry(inputs, per_token.divergence, mask)
         return (loss, {"logits": student_logits}) if return_outputs else loss
 
     def _record_geometry(self, inputs, divergence, mask) -> None:

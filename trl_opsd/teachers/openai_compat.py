@@ -11,7 +11,7 @@ Scoring a fixed completion uses the legacy ``POST /v1/completions``: the prompt 
    the logprob of the sampled token, so there may be up to logprobs+1 elements ... The maximum value for
    logprobs is 5."), and in vLLM ``vllm/entrypoints/openai/completion/serving.py``
    (``_create_completion_logprobs``, which clamps ``-inf`` to ``-9999.0``).
-2. vLLM's ``prompt_logprobs`` extension (sent via ``extra_body``): ``choices[0].prompt_logprobs`` is a list,
+2. vLLM's ``prompt_logprobs`` extension (an extra request field): ``choices[0].prompt_logprobs`` is a list,
    ``null`` at position 0, then ``{"<token_id>": {"logprob", "rank", "decoded_token"}}`` holding the actual
    prompt token (with its vocabulary rank) plus the top-K (ranks 1..K). Read in vLLM
    ``vllm/entrypoints/openai/completion/protocol.py`` (``CompletionResponseChoice.prompt_logprobs``,
@@ -385,7 +385,7 @@ class OpenAICompatTeacher(Teacher):
             data = self._request(lambda: self._client.chat.completions.with_raw_response.create(
                 model=body["model"], messages=body["messages"], max_tokens=body["max_tokens"],
                 temperature=body["temperature"], timeout=self.timeout_s,
-            ))
+            ).content)
             return {"text": data["choices"][0]["message"]["content"] or "", "model": data.get("model", self.model),
                     "usage": data.get("usage") or {}}
         return call
@@ -396,14 +396,18 @@ class OpenAICompatTeacher(Teacher):
         return request_key_parts(f"openai-compat/{self.server}", self.base_url, self.model, payload)
 
     def _completions(self, payload: dict[str, Any]) -> dict[str, Any]:
-        standard = {k: payload[k] for k in ("model", "prompt", "echo", "max_tokens", "logprobs")}
-        extra = {k: v for k, v in payload.items() if k not in standard}
-        return self._request(lambda: self._client.completions.with_raw_response.create(
-            **standard, extra_body=extra or None, timeout=self.timeout_s
+        """``POST /completions`` through the client's ``post`` (its documented way to send a body it does not
+        type), not ``completions.create``: ``create`` runs the SDK's typed param transform over every prompt
+        token id, about 13 us of GIL-held CPU per token (0.5 ms for 30 tokens, 38 ms for 3,000; measured with
+        openai 3.54), and scoring prompts are long token-id lists. The client's base URL, key, timeout,
+        connection pool and status-error mapping apply as for ``create``; the body bytes are parsed here."""
+        return self._request(lambda: self._client.post(
+            "/completions", cast_to=bytes, body=payload, options={"timeout": self.timeout_s}
         ))
 
-    def _request(self, send: Callable[[], Any]) -> dict[str, Any]:
-        """One HTTP exchange; the client's failures become retryable or final errors for the executor."""
+    def _request(self, send: Callable[[], bytes]) -> dict[str, Any]:
+        """One HTTP exchange (``send`` returns the response body); the client's failures become retryable or
+        final errors for the executor."""
         try:
             raw = send()
         except openai.APITimeoutError:
@@ -416,7 +420,7 @@ class OpenAICompatTeacher(Teacher):
                 credential=self._key_source.describe() if self._key_source else None, headers=err.response.headers,
             ) from None
         try:
-            data = json.loads(raw.http_response.text)
+            data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise RetryableError(f"malformed JSON in the response body ({err})") from None
         if not isinstance(data, dict) or not data.get("choices"):
