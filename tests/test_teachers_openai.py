@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from servers import LoopbackServer, TinyLM
+from servers import LoopbackServer, LoopbackServerProcess, TinyLM
 
 from trl_opsd.teachers import (
     OpenAICompatTeacher,
@@ -298,6 +298,19 @@ def test_cache_hit_scores_nothing_twice_and_a_rerun_sends_zero_requests(lm, batc
 
         rerun.score_topk(prompts, completions, 2)  # a different request is not served from the cache
         assert server.total_requests == sent + len(prompts)
+
+
+def test_server_in_its_own_process_serving_cached_responses(lm, batch):
+    """The benchmark's setting: the server is a spawned process, and a repeated request is served from its cache
+    (re-enveloped bytes) with the same log-probs as the computed one."""
+    prompts, completions = batch
+    with LoopbackServerProcess(lm_seed=0, cache_completions=True) as server:
+        teacher = make_teacher(server, lm, check_tokenizer=False, cache=None)
+        for _ in range(2):
+            assert_matches_model(teacher.score_topk(prompts, completions, 4), lm, prompts, completions, 4)
+        assert server.completions_computed == len(prompts)
+        assert server.total_requests == 2 * len(prompts)
+        teacher.close()
 
 
 def test_identical_rows_in_a_batch_are_sent_once(lm, batch):
