@@ -90,7 +90,7 @@ def test_config_knobs_reach_trls_vllm_backend(tiny_tokenizer, tmp_path, fake_vll
         "mode": "server", "server_base_url": "http://teacher-box:8001", "server_host": "10.0.0.2",
         "server_port": 8123, "server_timeout": 12.5, "group_port": 50000, "gpu_memory_utilization": 0.45,
         "max_model_length": 384, "tensor_parallel_size": 2, "enable_sleep_mode": True, "model_impl": "transformers",
-        "temperature": 0.7, "max_completion_length": 9, "max_num_seqs": 4,  # a micro-batch of 2 per TP rank
+        "temperature": 0.7, "max_completion_length": 9, "max_num_seqs": 12,  # a window of 3 micro-batches of 2, per TP rank
         "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,  # the policy itself, untruncated
     }
 
@@ -128,11 +128,29 @@ def test_weights_are_pushed_once_per_optimizer_step(tiny_tokenizer, tmp_path, fa
     assert trainer.vllm_generation.syncs == 2
 
 
-def test_training_runs_on_vllm_rollouts(tiny_tokenizer, tmp_path, fake_vllm):
+def test_training_runs_on_vllm_rollouts_one_call_per_accumulation_window(tiny_tokenizer, tmp_path, fake_vllm):
     trainer = _trainer(tiny_tokenizer, tmp_path, gradient_accumulation_steps=2)
+    windows = []
+    compute_loss = trainer.compute_loss
+
+    def recording(model, inputs, **kwargs):
+        prompts = trl_opsd.trainer._unpadded_rows(inputs["prompts"], inputs["prompt_attention_mask"])
+        windows.append((trainer.state.global_step, prompts, inputs["completions"].tolist()))
+        return compute_loss(model, inputs, **kwargs)
+
+    trainer.compute_loss = recording
     result = trainer.train()
     assert math.isfinite(result.training_loss)
-    assert trainer.vllm_generation.syncs == 2 and len(trainer.vllm_generation.prompts) == 4
+    calls = trainer.vllm_generation.prompts
+    assert trainer.vllm_generation.syncs == 2 and [len(prompts) for prompts in calls] == [4, 4]
+    for step, call in enumerate(calls):  # each micro-batch got the completions of its own prompts, in order
+        micro_batches = [(prompts, completions) for s, prompts, completions in windows if s == step]
+        assert len(micro_batches) == 2
+        rows = [(p, c) for prompts, completions in micro_batches for p, c in zip(prompts, completions)]
+        assert len(rows) == len(call)
+        for sent, (prompt, completion) in zip(call, rows):
+            length = len(sent) % 4 + 1  # the fake's answer to this prompt
+            assert prompt == sent and completion[:length] == [7 + i for i in range(length)]
     logged = [log for log in trainer.state.log_history if "on_policy_fraction" in log]
     assert logged and all(log["on_policy_fraction"] == 1.0 for log in logged)
     assert torch.isfinite(torch.tensor([log["loss"] for log in logged])).all()

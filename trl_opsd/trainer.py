@@ -380,8 +380,9 @@ class OPSDTrainer(GKDTrainer):
             tensor_parallel_size=args.vllm_tensor_parallel_size,
             gpu_memory_utilization=args.vllm_gpu_memory_utilization,
             max_model_length=args.vllm_max_model_length,
-            # Rollouts are drawn one micro-batch per call (TRL's trainers send the whole window at once).
-            max_num_seqs=args.per_device_train_batch_size * args.vllm_tensor_parallel_size,
+            # One call per accumulation window (see get_batch_samples), gathered across the tensor-parallel group.
+            max_num_seqs=(args.per_device_train_batch_size * args.gradient_accumulation_steps
+                          * args.vllm_tensor_parallel_size),
             enable_sleep_mode=args.vllm_enable_sleep_mode,
             model_impl=args.vllm_model_impl,
             trust_remote_code=args.trust_remote_code,
@@ -434,27 +435,37 @@ class OPSDTrainer(GKDTrainer):
         width = prompts.shape[1]
         return sequences[:, width:], attention_mask[:, width:]
 
-    def _vllm_sample(self, prompts: torch.Tensor, prompt_mask: torch.Tensor):
-        """Student rollouts from vLLM, laid out like ``_sample``'s; weights are pushed once per optimizer step."""
+    def _vllm_completions(self, batches: list[dict]) -> None:
+        """Student rollouts for ``batches`` from one vLLM call, laid out like ``_sample``'s in each batch.
+
+        One call for a whole accumulation window, as TRL's trainers do, so vLLM batches every prompt of the
+        optimizer step together; the student's weights are pushed to vLLM once per optimizer step.
+        """
         if self._vllm_synced_step != self.state.global_step:
             self.vllm_generation.sync_weights()
             self._vllm_synced_step = self.state.global_step
-        _, completion_ids, _, _ = self.vllm_generation.generate(
-            prompts=_unpadded_rows(prompts, prompt_mask), images=None, num_generations=1
-        )
-        rows = [torch.tensor(ids, dtype=torch.long, device=prompts.device) for ids in completion_ids]
-        completions = pad(rows, padding_value=self.processing_class.pad_token_id, padding_side="right")
-        # vLLM stops at the first EOS and returns it, so every returned token counts (GKD's mask keeps the EOS too).
-        completion_mask = pad([torch.ones_like(row) for row in rows], padding_value=0, padding_side="right")
-        return completions, completion_mask
+        prompts = [row for b in batches for row in _unpadded_rows(b["prompts"], b["prompt_attention_mask"])]
+        _, completion_ids, _, _ = self.vllm_generation.generate(prompts=prompts, images=None, num_generations=1)
+        start = 0
+        for batch in batches:
+            size = batch["prompts"].shape[0]
+            device = batch["prompts"].device
+            rows = [torch.tensor(ids, dtype=torch.long, device=device) for ids in completion_ids[start:start + size]]
+            start += size
+            batch["completions"] = pad(rows, padding_value=self.processing_class.pad_token_id, padding_side="right")
+            # vLLM stops at the first EOS and returns it, so every returned token counts (GKD's mask keeps the EOS).
+            batch["completion_mask"] = pad([torch.ones_like(row) for row in rows], padding_value=0,
+                                           padding_side="right")
+            batch["completion_source"] = "student"
+
+    def _to_device(self, batch: dict) -> dict:
+        device = self.accelerator.device
+        return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
 
     def _attach_completions(self, batch: dict, source: str) -> dict:
-        device = self.accelerator.device
-        batch = {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
+        batch = self._to_device(batch)
         if source == "student" and self.vllm_generation is not None:
-            batch["completions"], batch["completion_mask"] = self._vllm_sample(
-                batch["prompts"], batch["prompt_attention_mask"]
-            )
+            self._vllm_completions([batch])
         elif source == "student":
             with unwrap_model_for_generation(
                 self.model_wrapped,
@@ -485,7 +496,11 @@ class OPSDTrainer(GKDTrainer):
         if not batches:
             return batches, None
         source = self._completion_source()
-        batches = [self._attach_completions(batch, source) for batch in batches]
+        if source == "student" and self.vllm_generation is not None:
+            batches = [self._to_device(batch) for batch in batches]
+            self._vllm_completions(batches)
+        else:
+            batches = [self._attach_completions(batch, source) for batch in batches]
         num_generated = sum(batch["completion_mask"].sum() for batch in batches)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             num_generated = self.accelerator.gather(num_generated.reshape(1)).sum()
