@@ -5,10 +5,11 @@
 
 Both trainers get the same randomly initialised student and teacher (by default a tiny-depth Llama: hidden 256,
 4 layers, V = 32,000; ``--model qwen2.5-0.5b`` / ``qwen2.5-1.5b`` build those models' exact architectures, which
-cost what the pretrained models cost per token, since the hub is out of reach here), the same rows, seed, batch and sampling temperature, ``lmbda = 1`` (every step samples from the student),
-an explicit teacher model, no privileged context, and ``gradient_checkpointing = True``. Every rollout is forced to
-exactly ``--new-tokens`` tokens (``min_new_tokens = max_new_tokens`` suppresses EOS), and the worker checks it, so
-both generate the same number of tokens. Arms:
+cost what the pretrained models cost per token, since the hub is out of reach here), the same rows, seed, batch
+and sampling temperature, ``lmbda = 1`` (every step samples from the student), an explicit teacher model, no
+privileged context, and ``gradient_checkpointing = True``. Every rollout is forced to exactly ``--new-tokens``
+tokens (``min_new_tokens = max_new_tokens`` suppresses EOS), and the worker checks it, so both generate the same
+number of tokens. Arms:
 
 - ``gkd``: ``trl.experimental.gkd.GKDTrainer`` (which turns the KV cache off under gradient checkpointing and
   projects every position of prompt and completion to the vocabulary, for student and teacher);
@@ -255,8 +256,8 @@ def main() -> None:
         rollout = statistics.median(r["rollout"] for r in arm_runs)
         prompt = statistics.mean(r["prompt_tokens"] for r in arm_runs)
         tokens_per_s = args.batch * args.new_tokens / medians[arm]
-        print(f"| {arm} | {_spread([r['seconds'] for r in arm_runs])} | {ratio} | {rollout:.2f} | {tokens_per_s:,.0f} | "
-              f"{peak:,.0f} | {prompt:.1f} |")
+        print(f"| {arm} | {_spread([r['seconds'] for r in arm_runs])} | {ratio} | {rollout:.2f} | "
+              f"{tokens_per_s:,.0f} | {peak:,.0f} | {prompt:.1f} |")
 
 
 if __name__ == "__main__":
