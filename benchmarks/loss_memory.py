@@ -32,7 +32,9 @@ import subprocess
 import sys
 import time
 
-from process_memory import MMAP_THRESHOLD_BYTES, proc_status_bytes  # benchmarks/ is on sys.path when run as a script
+# benchmarks/ is on sys.path when run as a script
+from machine import cpu_name
+from process_memory import MMAP_THRESHOLD_BYTES, proc_status_bytes
 
 METHODS = ("ours", "gkd_dense", "trl_chunked")
 
@@ -206,11 +208,7 @@ def machine_description() -> str:
     if torch.cuda.is_available():
         where = torch.cuda.get_device_name(0)
     else:
-        model = next(
-            (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-            platform.processor(),
-        )
-        where = f"CPU {model}, {os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads"
+        where = f"CPU {cpu_name()}, {os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads"
     return f"{where}; torch {torch.__version__}, trl {trl.__version__}, Python {platform.python_version()}"
 
 

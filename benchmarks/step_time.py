@@ -36,7 +36,9 @@ import subprocess
 import sys
 import time
 
-from process_memory import MMAP_THRESHOLD_BYTES, proc_status_bytes  # benchmarks/ is on sys.path when run as a script
+# benchmarks/ is on sys.path when run as a script
+from machine import cpu_name
+from process_memory import MMAP_THRESHOLD_BYTES, proc_status_bytes
 
 ARMS = ("gkd", "ours", "ours_dense")
 # Architectures of public checkpoints (their config.json), built with random weights: same shapes, same cost.
@@ -196,12 +198,8 @@ def machine_description(device: str) -> str:
     if device == "cuda":
         where = f"{torch.cuda.get_device_name(0)}, {os.cpu_count()} CPU cores"
     else:
-        model = next(
-            (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-            platform.processor(),
-        )
         threads = os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads()))
-        where = f"CPU {model}, {os.cpu_count()} cores visible, OMP_NUM_THREADS={threads}"
+        where = f"CPU {cpu_name()}, {os.cpu_count()} cores visible, OMP_NUM_THREADS={threads}"
     return (f"{where}; torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
             f"Python {platform.python_version()}")
 

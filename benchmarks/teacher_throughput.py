@@ -31,6 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from machine import cpu_name  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from servers import LoopbackServer, LoopbackServerProcess, TinyLM, build_tokenizer  # noqa: E402
 
 from trl_opsd.teachers import OpenAICompatTeacher  # noqa: E402
@@ -45,14 +46,6 @@ def rows(tok: Any, n: int) -> tuple[list[list[int]], list[list[int]]]:
     completions = [tok(f"so {d} + 3 = the total and the answer is {d}", add_special_tokens=False)["input_ids"]
                    for d in digits]
     return prompts, completions
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def main() -> None:

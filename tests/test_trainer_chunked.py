@@ -85,7 +85,11 @@ def _trainer(tokenizer, tmp_path, teacher_kind: str, chunked: bool, student=None
 def _step(trainer, rows=ROWS):
     """(loss, parameter gradients, logged metrics) of one micro-batch of dataset completions."""
     trainer.model.train()
-    inputs = trainer._attach_completions(trainer.data_collator(rows), "dataset")
+    return _loss_step(trainer, trainer._attach_completions(trainer.data_collator(rows), "dataset"))
+
+
+def _loss_step(trainer, inputs):
+    """(loss, parameter gradients, logged metrics) of ``trainer.compute_loss`` on prepared ``inputs``."""
     trainer.model.zero_grad()
     trainer._metrics["train"].clear()
     loss = trainer.compute_loss(trainer.model, inputs)

@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 from datasets import Dataset
-from test_trainer_chunked import _assert_same_step, _model
+from test_trainer_chunked import _assert_same_step, _loss_step, _model
 from test_unified import _rows, column_reward
 
 from trl_opsd.unified import UnifiedConfig, UnifiedTrainer
@@ -32,13 +32,7 @@ def _step(trainer):
     """(loss, parameter gradients, logged metrics) of one scored micro-batch of dataset completions."""
     trainer.model.train()
     inputs = trainer._score(trainer._attach_completions(trainer.data_collator(_rows(4, score=SCORES)), "dataset"))
-    trainer.model.zero_grad()
-    trainer._metrics["train"].clear()
-    loss = trainer.compute_loss(trainer.model, inputs)
-    loss.backward()
-    grads = {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
-    metrics = {name: values[-1] for name, values in trainer._metrics["train"].items()}
-    return loss.detach(), grads, metrics
+    return _loss_step(trainer, inputs)
 
 
 def _clip_at_the_median(tokenizer, tmp_path, knobs):

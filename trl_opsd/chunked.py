@@ -224,6 +224,14 @@ class _StudentHeadChunks(torch.autograd.Function):
         )
 
 
+def _resolve_chunk_size(chunk_size: int | None, vocab_size: int) -> int:
+    """``chunk_size``, or the default for this vocabulary when None; refuses a non-positive size."""
+    chunk_size = default_chunk_size(vocab_size) if chunk_size is None else chunk_size
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of positions, got {chunk_size}")
+    return chunk_size
+
+
 def _run_chunked(
     form,
     student_hidden: Tensor,
@@ -234,10 +242,7 @@ def _run_chunked(
     chunk_size: int | None,
 ) -> tuple[Tensor, Tensor]:
     """Flatten leading dims, keep only ``mask``-ed positions, run the chunked function, scatter back (zeros)."""
-    if chunk_size is None:
-        chunk_size = default_chunk_size(student_weight.size(0))
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive number of positions, got {chunk_size}")
+    chunk_size = _resolve_chunk_size(chunk_size, student_weight.size(0))
     leading_shape = student_hidden.shape[:-1]
     num_positions = leading_shape.numel()
     hidden = student_hidden.reshape(num_positions, -1)
@@ -371,9 +376,7 @@ def chunked_teacher_scores(
     here is differentiable (the teacher is a target). ``top_k=0`` / ``token_ids=None`` skip those fields.
     """
     _check_temperature(temperature)
-    chunk_size = default_chunk_size(weight.size(0)) if chunk_size is None else chunk_size
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive number of positions, got {chunk_size}")
+    chunk_size = _resolve_chunk_size(chunk_size, weight.size(0))
     leading_shape = hidden.shape[:-1]
     num_positions = leading_shape.numel()
     flat_hidden = hidden.reshape(num_positions, -1)

@@ -456,17 +456,30 @@ class OPSDTrainer(GKDTrainer):
             # vLLM stops at the first EOS and returns it, so every returned token counts (GKD's mask keeps the EOS).
             batch["completion_mask"] = pad([torch.ones_like(row) for row in rows], padding_value=0,
                                            padding_side="right")
-            batch["completion_source"] = "student"
-
-    def _to_device(self, batch: dict) -> dict:
-        device = self.accelerator.device
-        return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
 
     def _attach_completions(self, batch: dict, source: str) -> dict:
-        batch = self._to_device(batch)
+        """One micro-batch on the device with completions from ``source`` (see :meth:`_attach_window`)."""
+        return self._attach_window([batch], source)[0]
+
+    def _attach_window(self, batches: list[dict], source: str) -> list[dict]:
+        """The micro-batches of one accumulation window on the device, each with completions from ``source``:
+        the student's samples (vLLM draws the whole window in one call), the teacher's (``seq_kd``) or the dataset's.
+        """
+        device = self.accelerator.device
+        batches = [{key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
+                   for batch in batches]
         if source == "student" and self.vllm_generation is not None:
-            self._vllm_completions([batch])
-        elif source == "student":
+            self._vllm_completions(batches)
+        else:
+            for batch in batches:
+                self._generate_completions(batch, source)
+        for batch in batches:
+            batch["completion_source"] = source
+        return batches
+
+    def _generate_completions(self, batch: dict, source: str) -> None:
+        """Sample ``batch``'s completions with ``transformers`` (student or teacher), or check the dataset's."""
+        if source == "student":
             with unwrap_model_for_generation(
                 self.model_wrapped,
                 self.accelerator,
@@ -487,20 +500,13 @@ class OPSDTrainer(GKDTrainer):
                 "this step trains on dataset completions (lmbda < 1 and seq_kd=False) but the batch has none: give "
                 "rows a trailing assistant turn (or a 'completion'), or set lmbda=1.0 for fully on-policy training"
             )
-        batch["completion_source"] = source
-        return batch
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """Fetch the accumulation window's micro-batches, draw their completions, count generated tokens."""
         batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
         if not batches:
             return batches, None
-        source = self._completion_source()
-        if source == "student" and self.vllm_generation is not None:
-            batches = [self._to_device(batch) for batch in batches]
-            self._vllm_completions(batches)
-        else:
-            batches = [self._attach_completions(batch, source) for batch in batches]
+        batches = self._attach_window(batches, self._completion_source())
         num_generated = sum(batch["completion_mask"].sum() for batch in batches)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             num_generated = self.accelerator.gather(num_generated.reshape(1)).sum()
