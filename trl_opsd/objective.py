@@ -76,7 +76,7 @@ class Divergence:
     kind: str = "full"
     beta: float = 1.0
     temperature: float = 1.0  # both distributions are softmax(logits / temperature)
-    top_k: int = 0  # the teacher's k for kind "topk"; 0 otherwise
+    top_k: int = 0  # the teacher's k for kind "topk"; 0 otherwise (what Teacher.score_topk takes for sampled tokens)
     clip: float | None = None  # per-token cap (kinds "full" and "topk")
     clip_mode: str = "clamp"
     ratio_cap: float | None = 2.0  # kind "sampled"
@@ -101,11 +101,6 @@ class Divergence:
         if self.kind == "topk":
             return TeacherRequirement("topk", self.top_k)
         return TeacherRequirement("sampled", None)
-
-    @property
-    def scoring_k(self) -> int:
-        """The ``k`` to ask ``Teacher.score_topk`` for: ``top_k``, or 0 (sampled-token log-probs only)."""
-        return self.top_k
 
     def check_teacher(self, teacher: Teacher) -> None:
         """Raise ``ValueError`` unless ``teacher`` can provide what this divergence reads (an in-process teacher

@@ -80,7 +80,8 @@ def check_self_teacher(self_teacher: str, *, peft: bool, fsdp: bool) -> None:
         return
     if peft:
         raise ValueError(
-            "self_teacher='ema' is not supported with PEFT; use 'frozen' (adapters disabled, no extra weights) or 'live'"
+            "self_teacher='ema' is not supported with PEFT; use 'frozen' (adapters disabled, no extra weights) or "
+            "'live'"
         )
     if fsdp:
         raise ValueError(

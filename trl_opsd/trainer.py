@@ -16,6 +16,11 @@ same meanings. What changes (and why):
   TRL's generation context already disables checkpointing while generating), or runs in vLLM (``use_vllm``).
 - The loss is computed from final hidden states and the LM head a chunk of positions at a time where the models
   allow it (``chunked_loss``), so ``[batch, completion, vocab]`` logits are never held.
+
+One step: the collator lays out each row's student and teacher views; ``get_batch_samples`` draws the window's
+completions; ``compute_loss`` gets the student's and teacher's signals (``trl_opsd.forward``; a remote teacher's
+scores), turns them into per-token terms (``trl_opsd.objective``) and reduces them over the window's generated tokens.
+The teacher is built and checked in ``trl_opsd.teacher_setup``.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from trl_opsd.forward import (
 from trl_opsd.metrics import divergence_statistics
 from trl_opsd.objective import Divergence, TokenTerms, token_terms, window_token_mean
 from trl_opsd.teacher_setup import build_teacher
+from trl_opsd.vllm_rollouts import vllm_generation
 from trl_opsd.teachers.base import TopKScores
 
 logger = logging.getLogger(__name__)
@@ -153,7 +159,9 @@ class OPSDTrainer(GKDTrainer):
         self._dense_loss_reason = self._why_dense_loss()
         if args.chunked_loss and self._dense_loss_reason is not None:
             logger.info("chunked_loss: using the dense loss, because %s", self._dense_loss_reason)
-        self.vllm_generation = self._build_vllm_generation() if args.use_vllm else None
+        self.vllm_generation = (
+            vllm_generation(args, self.model, self.accelerator, self.processing_class) if args.use_vllm else None
+        )
         self._vllm_synced_step = -1
 
     # -- construction ---------------------------------------------------------------------------
@@ -190,40 +198,6 @@ class OPSDTrainer(GKDTrainer):
     def _local_teacher(self) -> bool:
         """Whether the teacher runs in process and gives dense logits (else: remote, or no teacher)."""
         return self.teacher is not None and self.teacher.gives_dense_logits
-
-    def _build_vllm_generation(self):
-        """TRL's vLLM backend (the one ``DistillationTrainer`` uses) for student rollouts, from the ``vllm_*`` knobs."""
-        from trl.generation.vllm_generation import VLLMGeneration
-
-        args = self.args
-        return VLLMGeneration(
-            model=self.model,
-            accelerator=self.accelerator,
-            processing_class=self.processing_class,
-            mode=args.vllm_mode,
-            server_base_url=args.vllm_server_base_url,
-            server_host=args.vllm_server_host,
-            server_port=args.vllm_server_port,
-            group_port=args.vllm_group_port,
-            server_timeout=args.vllm_server_timeout,
-            tensor_parallel_size=args.vllm_tensor_parallel_size,
-            gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-            max_model_length=args.vllm_max_model_length,
-            # One call per accumulation window (see get_batch_samples), gathered across the tensor-parallel group.
-            max_num_seqs=(args.per_device_train_batch_size * args.gradient_accumulation_steps
-                          * args.vllm_tensor_parallel_size),
-            enable_sleep_mode=args.vllm_enable_sleep_mode,
-            model_impl=args.vllm_model_impl,
-            trust_remote_code=args.trust_remote_code,
-            # The same sampler as the transformers path: the policy itself at `temperature`, no truncation.
-            temperature=args.temperature,
-            top_p=1.0,
-            top_k=0,
-            min_p=0.0,
-            repetition_penalty=1.0,
-            max_completion_length=args.max_new_tokens,
-            logprobs=None,
-        )
 
     # -- rollouts -----------------------------------------------------------------------------
     def _completion_source(self) -> str:
@@ -385,7 +359,7 @@ class OPSDTrainer(GKDTrainer):
         scores = self.teacher.score_topk(
             unpadded_rows(inputs["teacher_prompts"], inputs["teacher_prompt_attention_mask"]),
             unpadded_rows(inputs["completions"], inputs["completion_mask"]),
-            self.divergence.scoring_k,
+            self.divergence.top_k,  # 0: the sampled tokens' log-probs only
         )
         return scores.to(inputs["completions"].device).pad_to(inputs["completions"].shape[1])
 
