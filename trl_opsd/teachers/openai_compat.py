@@ -321,7 +321,8 @@ class OpenAICompatTeacher(Teacher):
         def call() -> dict:
             choice = wire.first_choice(self._completions(payload))
             if choice.get("prompt_logprobs") is not None:
-                if choice.get("logprobs"):
+                if choice.get("logprobs"):  # echo's block rides along: it must be whole, and echo the ids sent
+                    wire.echo_block(choice["logprobs"], len(sent), scored_from=prompt_len, k=k)
                     check_echoed_ids(choice["logprobs"], sent, self._to_id)
                 row = parse_prompt_logprobs(choice["prompt_logprobs"], sent, prompt_len, k, at_least=at_least)
             elif choice.get("logprobs"):
