@@ -56,6 +56,8 @@ _URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>
 # ?name=value or &name=value; the name is checked with is_secret_name
 _QUERY_PARAM = re.compile(r"(?P<lead>[?&;])(?P<name>[A-Za-z0-9_.\-]+)=(?P<value>[^&#\s\"'<>]*)")
 
+# Secret-named fields whose value says what KIND of secret, not the secret (``token_type``).
+_NOT_VALUE_SUFFIXES = ("_type", "_kind", "_mode", "_name", "_names", "_words")
 _lock = threading.Lock()
 _registered: set[str] = set()
 
@@ -140,7 +142,7 @@ def register_config(values: Any) -> None:
     if isinstance(values, dict):
         for key, value in values.items():
             key = str(key)
-            if isinstance(value, str) and is_secret_name(key):
+            if isinstance(value, str) and is_secret_name(key) and not key.lower().endswith(_NOT_VALUE_SUFFIXES):
                 if key.lower().endswith("_env"):
                     register_env(value)
                 elif key.lower().endswith(("_file", "_path")):
