@@ -41,7 +41,7 @@ import traceback
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, quote, quote_plus, urlsplit
+from urllib.parse import quote, quote_plus, unquote, unquote_plus
 
 REDACTED = "<redacted>"
 MIN_SECRET_CHARS = 4
@@ -126,9 +126,11 @@ def register_url(url: str | None) -> None:
         user, _, password = userinfo.partition(":")
         for part in (userinfo, password or user):
             register(part)
+            register(unquote(part))  # as sent (Basic auth) or echoed, decoded
     for match in _QUERY_PARAM.finditer(url):
         if is_secret_name(match.group("name")):
             register(match.group("value"))
+            register(unquote_plus(match.group("value")))
 
 
 def register_config(values: Any) -> None:

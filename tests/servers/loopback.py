@@ -137,6 +137,11 @@ class LoopbackServer:
         with self._lock:
             self._faults.extend(actions)
 
+    def clear_faults(self) -> None:
+        """Drop the injected faults not yet used (a call that failed for good leaves some queued)."""
+        with self._lock:
+            self._faults.clear()
+
     def requests_to(self, path: str) -> int:
         with self._lock:
             return self.counts[path]
