@@ -45,6 +45,20 @@ def request_key_parts(backend: str, base_url: str, model: str, payload: Any) -> 
     return {"backend": backend, "base_url": base_url, "model": model, "payload": payload}
 
 
+def _strings(value: Any):
+    """The strings inside a JSON value, keys included (a scored row holds none: its check costs nothing)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield str(key)
+            yield from _strings(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            if isinstance(item, (str, dict, list, tuple)):
+                yield from _strings(item)
+
+
 class ResponseCache:
     """``get``/``put`` of JSON values by key, safe across threads and processes."""
 
@@ -70,7 +84,7 @@ class ResponseCache:
     def put(self, key: str, value: Any) -> None:
         """Store ``value`` under ``key``; a value that holds a secret is not stored (it stays uncached)."""
         text = canonical_json(value)
-        if redaction.contains_secret(text):
+        if any(redaction.contains_secret(piece) for piece in _strings(value)):
             logger.warning("response cache %s: a response holding a secret was not cached", self.path)
             return
         with self._lock:

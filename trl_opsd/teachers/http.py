@@ -5,8 +5,8 @@
   body within ``timeout_s``, however the server paces its bytes -- the per-read timeout alone lets a server
   that trickles a byte at a time hold a request open indefinitely;
 - retries with jittered exponential backoff on 429, 5xx, timeouts, dropped connections, streams cut
-  mid-event, malformed bodies and responses that break the wire format; ``Retry-After`` honoured, in seconds or as an HTTP-date
-  (RFC 9110 section 10.2.3, read at https://developer.mozilla.org/en-US/docs/Web/HTTP/Headers/Retry-After);
+  mid-event, malformed bodies and responses that break the wire format; ``Retry-After`` honoured, in
+  seconds or as an HTTP-date (RFC 9110 section 10.2.3, read at https://developer.mozilla.org/en-US/docs/Web/HTTP/Headers/Retry-After);
 - no retry on any other 4xx; 401/403 say which credential source was rejected, never its value;
 - every secret read is registered with :mod:`trl_opsd.redaction`; errors leaving the executor are redacted,
   their chained causes included, and a context hidden by ``from None`` is dropped;
@@ -153,12 +153,12 @@ class DeadlineTransport:
             if timeouts.get(phase) is None or timeouts[phase] > self.total_s:
                 timeouts[phase] = self.total_s
         request.extensions["timeout"] = timeouts
-        exchange = _Exchange(self._http, self._inner, request)
+        exchange = _Exchange(self._http, self._inner, request, self.total_s)
         worker = threading.Thread(target=exchange.run, name="teacher-http-deadline", daemon=True)
         worker.start()
         if not exchange.done.wait(self.total_s):
             exchange.abandon()
-            if not exchange.done.is_set():
+            if not exchange.done.is_set():  # (set now: the worker finished, or failed on seeing abandon())
                 raise self._http.ReadTimeout(
                     f"no complete response within the {self.total_s:g}s deadline", request=request
                 )
@@ -173,8 +173,8 @@ class DeadlineTransport:
 class _Exchange:
     """One request/response run by :class:`DeadlineTransport`'s worker thread."""
 
-    def __init__(self, http: Any, inner: Any, request: Any) -> None:
-        self.http, self.inner, self.request = http, inner, request
+    def __init__(self, http: Any, inner: Any, request: Any, total_s: float) -> None:
+        self.http, self.inner, self.request, self.total_s = http, inner, request, total_s
         self.done = threading.Event()
         self.response: Any = None
         self.error: BaseException | None = None
@@ -189,8 +189,10 @@ class _Exchange:
             response = self.inner.handle_request(self.request)
             chunks = []
             for chunk in response.stream:
-                if self._abandoned.is_set():
-                    break
+                if self._abandoned.is_set():  # the caller gave up: never hand back a cut body
+                    raise self.http.ReadTimeout(
+                        f"no complete response within the {self.total_s:g}s deadline", request=self.request
+                    )
                 chunks.append(chunk)
             self.response = self.http.Response(
                 response.status_code, headers=response.headers, stream=self.http.ByteStream(b"".join(chunks)),
