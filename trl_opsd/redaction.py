@@ -48,7 +48,7 @@ MIN_SECRET_CHARS = 4
 FRAGMENT_CHARS = 8
 SECRET_WORDS = frozenset(
     {"key", "keys", "apikey", "token", "secret", "secrets", "password", "passwords", "passwd", "pat",
-     "credential", "credentials", "auth", "authorization", "signature", "sig"}
+     "credential", "credentials", "auth", "authorization", "signature"}
 )
 _MAX_SECRET_FILE_BYTES = 64 * 1024
 # scheme://userinfo@ (userinfo without "/", "@" or whitespace)
