@@ -6,6 +6,8 @@ A registry holds secret VALUES, fed by every source the project reads a secret f
 - :func:`register_env` / :func:`register_file` -- the value behind a config field such as
   ``teacher_api_key_env=VLLM_BEARER`` or ``api_key_file=...``;
 - :func:`register_url` -- credentials inside a URL (``https://user:pass@host``, ``?api_key=...``);
+- :func:`register_config` -- all of the above for a config or parsed arguments (``*_env``, ``*_file`` and other
+  secret-named fields, URLs anywhere);
 - environment variables whose NAME looks secret (``HF_TOKEN``, ``OPENAI_API_KEY``; :func:`is_secret_name`),
   read at each call so a variable set later is covered too.
 
@@ -16,7 +18,8 @@ A registry holds secret VALUES, fed by every source the project reads a secret f
 - every fragment of at least :data:`FRAGMENT_CHARS` (8) consecutive characters of a registered value, so a
   key split over two lines or cut to its first 20 characters is still caught. Values shorter than 8
   characters are only replaced whole (a 4-7 character value has no fragment distinctive enough); values
-  under :data:`MIN_SECRET_CHARS` (4) are not registered (they would redact ordinary words);
+  under :data:`MIN_SECRET_CHARS` (4), flags (``true``, ``none``) and numbers are not registered (they would
+  redact ordinary words);
 - credentials in any URL (userinfo, secret-named query parameters), registered or not.
 
 Exceptions: :func:`scrub_exception` redacts an exception's message and its chained ``__cause__`` /

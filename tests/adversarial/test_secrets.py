@@ -200,3 +200,28 @@ def test_recipe_dry_run_writes_and_prints_no_secret(tmp_path, secret_sources, ev
     out = capsys.readouterr()
     assert "<redacted>" in out.out  # the plan was printed, redacted
     assert leaks("\n".join([files_text(tmp_path), out.out, out.err, everything_logged.text])) == []
+
+
+def test_rs_sft_against_a_gateway_echoing_the_key_prints_and_writes_no_secret(lm, tmp_path, secret_sources,
+                                                                              everything_logged, capsys):
+    """``trl-opsd rs-sft`` with an API teacher whose gateway answers 400 with the request headers in the body."""
+    import argparse
+
+    from harness import rs_sft
+
+    parser = argparse.ArgumentParser()
+    rs_sft.add_arguments(parser)
+    with LoopbackServer(lm) as server:
+        args = parser.parse_args([
+            "--out", str(tmp_path / "rs"), "--num-prompts", "2", "--samples", "1", "--sampler", "teacher",
+            "--teacher-url", server.url + "/v1", "--teacher-backend", "vllm", "--teacher-model", server.model_name,
+            "--teacher-api-key-env", "VLLM_BEARER", "--teacher-http-cache", str(tmp_path / "rs" / "http.sqlite"),
+            "--judge", "none", "--filter", "verifier", "--max-new-tokens", "4",
+        ])
+        server.inject(*["echo_headers_400"] * 4)
+        with pytest.raises(TeacherError) as caught:
+            rs_sft.run(args)
+        assert API_KEY in json.dumps(server.log[-1]["headers"])
+    out = capsys.readouterr()
+    written = [exception_texts(caught.value), everything_logged.text, out.out, out.err, files_text(tmp_path)]
+    assert "<redacted>" in str(caught.value) and leaks("\n".join(written)) == []
