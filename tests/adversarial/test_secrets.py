@@ -225,3 +225,15 @@ def test_rs_sft_against_a_gateway_echoing_the_key_prints_and_writes_no_secret(lm
     out = capsys.readouterr()
     written = [exception_texts(caught.value), everything_logged.text, out.out, out.err, files_text(tmp_path)]
     assert "<redacted>" in str(caught.value) and leaks("\n".join(written)) == []
+
+
+def test_lm_eval_cortex_model_refuses_credentials_in_its_url():
+    """lm-eval writes model args into its results files: a URL with credentials is refused, without echoing them."""
+    from harness.cortex_lm import CortexLM
+
+    for url in (f"https://user:{quote(URL_PASSWORD, safe='')}@acct.snowflakecomputing.com",
+                f"https://acct.snowflakecomputing.com/?token={API_KEY}"):
+        with pytest.raises(ValueError, match="carries credentials") as caught:
+            CortexLM(model="mistral-large2", account_url=url)
+        assert leaks(exception_texts(caught.value)) == []
+
