@@ -46,7 +46,7 @@ from trl_opsd.chunked import (
     chunked_teacher_scores,
     chunked_token_log_probs,
 )
-from trl_opsd.collator import OPSDCollator
+from trl_opsd.collator import OPSDCollator, validate_dataset
 from trl_opsd.config import OPSDConfig
 from trl_opsd.losses import (
     clip_per_token,
@@ -213,8 +213,10 @@ class OPSDTrainer(GKDTrainer):
                 teacher_prompt_template=args.teacher_prompt_template,
                 privileged_truncation=args.privileged_truncation,
             )
+        args.check_trainer_inputs(teacher_model, len(processing_class))
         if isinstance(data_collator, OPSDCollator):
-            _validate_rows(data_collator, train_dataset, "train_dataset")
+            validate_dataset(data_collator, train_dataset, "train_dataset", args, teacher_model)
+            validate_dataset(data_collator, eval_dataset, "eval_dataset", args, teacher_model)
 
         # GKDTrainer.__init__ insists on a teacher model and turns the KV cache off under gradient
         # checkpointing, so we run SFTTrainer's constructor (GKD's parent) and set GKD's attributes here.
@@ -722,13 +724,3 @@ class OPSDTrainer(GKDTrainer):
         # Completions were attached in get_batch_samples; skip GKDTrainer.training_step's own sampling.
         return SFTTrainer.training_step(self, model, inputs, num_items_in_batch)
 
-
-def _validate_rows(collator: OPSDCollator, dataset, name: str) -> None:
-    """Build every row's views once before training, so a bad row fails now with its index and field."""
-    if dataset is None or isinstance(dataset, IterableDataset):
-        return
-    for index in range(len(dataset)):
-        try:
-            collator.row_views(dataset[index], index)
-        except ValueError as error:
-            raise ValueError(f"{name}: {error}") from None

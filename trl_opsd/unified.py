@@ -49,7 +49,7 @@ import torch
 from trl.experimental.gkd import GKDConfig
 
 from trl_opsd.chunked import chunked_teacher_scores, chunked_token_log_probs
-from trl_opsd.config import OPSDConfig, _check_choice
+from trl_opsd.config import OPSDConfig, _check_choice, check_finite_floats
 from trl_opsd.geometry import GeometryRecorder
 from trl_opsd.losses import hinton_kd_loss, per_token_entropy, token_log_probs
 from trl_opsd.teachers.base import Teacher
@@ -179,6 +179,7 @@ class UnifiedConfig(OPSDConfig):
         return f"{key}={getattr(self, key)!r}{origin}"
 
     def _check_consistency(self) -> None:
+        check_finite_floats(self)  # NaN passes every comparison below
         alpha, lam, kind, sampler = self.reward_weight, self.distillation_weight, self.teacher_kind, self.sampler
         d = self.describe
         if alpha < 0 or lam < 0:
