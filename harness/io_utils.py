@@ -34,7 +34,7 @@ def read_jsonl_objects(path: str | os.PathLike) -> list[tuple[int, dict]]:
             except UnicodeDecodeError as error:
                 raise ValueError(f"{path}:{line_number}: not UTF-8 text ({error.reason})") from None
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg} at column {error.colno}); "
+                raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg}, column {error.colno}); "
                                  "fix or remove the line (a truncated last line is a half-written file)") from None
             if row is None:
                 continue

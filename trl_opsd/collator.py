@@ -58,8 +58,8 @@ def _check_prompt_chat(value, index: int, field: str) -> None:
     prompt = value[:-1] if value[-1]["role"] == "assistant" else value
     if not any(turn["role"] == "user" for turn in prompt):
         roles = [turn["role"] for turn in value]
-        raise RowError(f"row {index}: field {field!r} has no user turn before its completion (roles: {roles}); "
-                       "a prompt needs a user turn")
+        where = " before its completion" if len(prompt) < len(value) else ""
+        raise RowError(f"row {index}: field {field!r} has no user turn{where} (roles: {roles}); a prompt needs one")
 
 
 def _is_missing(value) -> bool:
