@@ -5,7 +5,8 @@ JSD interpolation, ``temperature`` the sampling temperature, ``seq_kd`` sequence
 defaults of ``lmbda`` (1.0: OPSD is on-policy), ``temperature`` (1.0: sample from the policy
 itself) and ``beta`` (1.0: reverse KL, the best of the divergences measured on the arithmetic world;
 see the README's Status) differ. All new knobs are validated in ``__post_init__`` so a bad value fails before any
-model is loaded.
+model is loaded: NaN and infinity included, in every float field (``check_finite_floats``), and templates
+against their placeholders. ``check_trainer_inputs`` adds what needs the trainer's teacher and tokenizer.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ class OPSDConfig(GKDConfig):
         self_teacher (`str`, defaults to `"frozen"`): what plays the teacher when no `teacher_model` is
             given. `"frozen"`: the initial policy (with PEFT, the base model with adapters disabled, no
             extra weights; otherwise a frozen copy). `"ema"`: an exponential moving average of the
-            student. `"live"`: the current student weights, without gradient.
+            student. `"live"`: the current student weights, without gradient. With a `teacher_model` it must stay
+            at its default: another value is refused rather than ignored.
         teacher_ema_decay (`float`, defaults to `0.99`): EMA decay for `self_teacher="ema"`.
 
     Privileged context (what only the teacher sees):
@@ -157,10 +159,6 @@ class OPSDConfig(GKDConfig):
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if not 0.0 < self.teacher_ema_decay < 1.0:
             raise ValueError(f"teacher_ema_decay must be in (0, 1), got {self.teacher_ema_decay}")
-        if not 0.0 <= self.lmbda <= 1.0:
-            raise ValueError(f"lmbda (the on-policy fraction) must be in [0, 1], got {self.lmbda}")
-        if not 0.0 <= self.beta <= 1.0:
-            raise ValueError(f"beta must be in [0, 1] (0: forward KL, 1: reverse KL), got {self.beta}")
         if self.temperature <= 0:
             raise ValueError(f"temperature (the sampling temperature of rollouts) must be > 0, got "
                              f"{self.temperature}; rollouts sample from softmax(logits / temperature)")
@@ -192,7 +190,6 @@ class OPSDConfig(GKDConfig):
             )
         if self.max_teacher_prompt_length is None:
             self.max_teacher_prompt_length = self.max_prompt_length
-
 
     def check_trainer_inputs(self, teacher_model, vocab_size: int) -> None:
         """What the config alone cannot check: its fit with the trainer's teacher and tokenizer (before any load)."""
