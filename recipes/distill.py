@@ -25,6 +25,14 @@ from trl_opsd.unified import UnifiedConfig, UnifiedTrainer
 API_SERVERS = ("vllm", "openai")
 REWARD_FUNCTIONS = {"math_answer": math_answer_reward}
 RECIPES = ("opsd", "opd", "unified")
+TEACHER_CACHE_FILE = "teacher_cache.sqlite"
+
+
+def teacher_cache_file(cache_dir: str | None) -> str | None:
+    """The SQLite file of ``teacher_api_cache_dir``: a folder (as its name says) holds it; a ``.sqlite`` path is it."""
+    if cache_dir is None or cache_dir.endswith(".sqlite"):
+        return cache_dir
+    return os.path.join(cache_dir, TEACHER_CACHE_FILE)
 
 
 @dataclass
@@ -40,7 +48,9 @@ class TeacherArguments:
                                     "(vLLM: top-k up to 20; OpenAI legacy completions: up to 5)."})
     teacher_api_key_env: str | None = field(default=None, metadata={"help": "Name of the environment variable that "
                                             "holds the server's API key (the key itself is never stored)."})
-    teacher_api_cache_dir: str | None = field(default=None, metadata={"help": "Cache teacher responses here."})
+    teacher_api_cache_dir: str | None = field(default=None, metadata={"help": "Folder for the teacher's response cache "
+                                              f"({TEACHER_CACHE_FILE} inside it); a path ending in .sqlite is the "
+                                              "cache file itself."})
 
     def __post_init__(self):
         if self.teacher_api_server not in API_SERVERS:
@@ -407,7 +417,7 @@ def build_teacher(resolved: Resolved, teacher_args: TeacherArguments | None, tra
         return OpenAICompatTeacher(
             teacher_args.teacher_api_base, teacher_args.teacher_api_model, student_tokenizer=tokenizer,
             server=teacher_args.teacher_api_server, api_key_env=teacher_args.teacher_api_key_env,
-            cache=teacher_args.teacher_api_cache_dir,
+            cache=teacher_cache_file(teacher_args.teacher_api_cache_dir),
         ), None
     path = models.materialize(teacher.spec)
     init_kwargs = dict(training_args.teacher_model_init_kwargs or {})

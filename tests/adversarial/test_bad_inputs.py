@@ -445,6 +445,13 @@ def test_recipe_dry_runs_refuse_bad_inputs_before_writing(tmp_path, no_loading, 
     assert_nothing_written(out)
 
 
+def test_the_teacher_cache_folder_is_a_folder(tmp_path):
+    from recipes.distill import teacher_cache_file
+
+    assert teacher_cache_file(str(tmp_path / "cache")) == str(tmp_path / "cache" / "teacher_cache.sqlite")
+    assert teacher_cache_file(str(tmp_path / "responses.sqlite")) == str(tmp_path / "responses.sqlite")
+
+
 def test_recipe_dry_run_records_that_rows_were_checked(tmp_path, no_loading):
     out = tmp_path / "out"
     assert opsd_recipe.main(["--config", str(ARITH), "--dry_run", "--output_dir", str(out),
