@@ -124,10 +124,16 @@ def check_json_file(path: str) -> None:
     if path.endswith(".json"):
         try:
             with open(path, encoding="utf-8") as handle:
-                json.load(handle)
+                text = handle.read()
+            json.loads(text)
             return
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            pass  # maybe JSON lines in a .json file: the line-by-line check below names the bad line
+        except UnicodeDecodeError as error:
+            raise DataSourceError(f"dataset_name: {path}: not UTF-8 text ({error.reason})") from None
+        except json.JSONDecodeError as error:
+            if text.lstrip().startswith("["):  # one JSON array: its parser knows the line
+                raise DataSourceError(f"dataset_name: {path}:{error.lineno}: not valid JSON ({error.msg}, column "
+                                      f"{error.colno})") from None
+            # else maybe JSON lines in a .json file: the line-by-line check below names the bad line
     try:
         rows = read_jsonl_objects(path)
     except ValueError as error:

@@ -295,6 +295,8 @@ JSONL_CASES = [
     ("a line that is a number", f"{GOOD_LINE}\n{GOOD_LINE}\n42\n", r"rows\.jsonl:3: a row must be a JSON object"),
     ("invalid UTF-8", f"{GOOD_LINE}\n".encode() + b'{"messages": "\xff\xfe"}\n', r"rows\.jsonl:2: not UTF-8 text"),
     ("empty file", "\n\n", r"rows\.jsonl holds no rows"),
+    ("truncated JSON array (a .json file)", f"[\n {GOOD_LINE},\n {GOOD_LINE[:30]}", r"rows\.json:3: not valid JSON"),
+    ("JSON lines in a .json file, one truncated", f"{GOOD_LINE}\n{GOOD_LINE[:30]}", r"rows\.json:2: not valid JSON"),
 ]
 
 
@@ -306,7 +308,7 @@ def _write(path: Path, content: str | bytes) -> Path:
 
 @pytest.mark.parametrize(("what", "content", "message"), JSONL_CASES, ids=[c[0] for c in JSONL_CASES])
 def test_bad_jsonl_datasets_name_the_file_and_line(tmp_path, what, content, message):
-    path = _write(tmp_path / "data" / "rows.jsonl", content)
+    path = _write(tmp_path / "data" / ("rows.json" if ".json file" in what else "rows.jsonl"), content)
     with pytest.raises(data_sources.DataSourceError, match=message):
         data_sources.load_rows(data_sources.resolve_source(str(path), "train"))
 
