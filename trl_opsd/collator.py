@@ -72,8 +72,6 @@ def check_row(row, index: int, privileged_from: str | None) -> None:
         raise RowError(f"row {index} must be a dict of fields, got {_shown(row)}")
     if row.get("messages") is not None:
         _check_prompt_chat(row["messages"], index, "messages")
-        if len(row["messages"]) == 1 and row["messages"][0]["role"] == "assistant":
-            raise RowError(f"row {index}: field 'messages' holds only an assistant turn and no prompt")
     elif row.get("prompt") is not None:
         prompt = row["prompt"]
         if isinstance(prompt, list):
@@ -114,11 +112,6 @@ def _has_completion(row: dict) -> bool:
         return row["messages"][-1]["role"] == "assistant"
     completion = row.get("completion")
     return bool(completion[-1]["content"] if isinstance(completion, list) and completion else completion)
-
-
-def _has_privileged_context(row: dict, privileged_from: str | None) -> bool:
-    return (row.get("teacher_messages") is not None or not _is_missing(row.get("privileged_context"))
-            or bool(privileged_from) and not _is_missing(row.get(privileged_from)))
 
 
 def validate_dataset(collator: OPSDCollator, dataset, name: str, args=None, teacher_model=None) -> None:
@@ -167,12 +160,10 @@ def _check_dataset(rows: list[dict], privileged_from: str | None, args, teacher_
     columns = sorted({key for row in rows for key in row if row[key] is not None})
     needing = [index for index, row in enumerate(rows)
                if row.get("teacher_messages") is None and _is_missing(row.get("privileged_context"))]
-    if not needing or not privileged_from:
-        has_context = not needing
-    else:
-        filled = [index for index in needing if not _is_missing(rows[index].get(privileged_from))]
+    filled = {index for index in needing if privileged_from and not _is_missing(rows[index].get(privileged_from))}
+    if privileged_from and needing:
         if filled and len(filled) < len(needing):
-            empty = next(index for index in needing if index not in set(filled))
+            empty = next(index for index in needing if index not in filled)
             raise RowError(
                 f"row {empty}: field {privileged_from!r} (privileged_from) is {rows[empty].get(privileged_from)!r} "
                 f"while other rows have it, and the row has no teacher_messages or privileged_context: its teacher "
@@ -181,7 +172,7 @@ def _check_dataset(rows: list[dict], privileged_from: str | None, args, teacher_
         if not filled and privileged_from != "answer":  # a column named on purpose that no row has: a typo
             raise RowError(f"privileged_from={privileged_from!r} names a column that no row has; the rows have "
                            f"{columns}")
-        has_context = bool(filled) or len(needing) < len(rows)
+    has_context = len(needing) < len(rows) or bool(filled)
     self_teacher = teacher_model is None and getattr(args, "teacher_kind", "self") in (None, "self")
     if self_teacher and not has_context:
         raise RowError(

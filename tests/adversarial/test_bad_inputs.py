@@ -246,6 +246,28 @@ def test_bad_rows_are_refused_at_construction_by_row_and_field(tmp_path, tiny_to
     assert_nothing_written(tmp_path / "out")
 
 
+ACCEPTED_ROWS = [
+    ("privileged context on some rows, no privileged_from", [{"messages": [USER], "privileged_context": "It is 7."},
+                                                            {"messages": [USER]}], dict(privileged_from=None), None),
+    ("teacher_messages, privileged_context and answer mixed", [{"messages": [USER], "teacher_messages": [USER]},
+                                                               {"messages": [USER], "privileged_context": "7"},
+                                                               GOOD], {}, None),
+    ("an external teacher and no answer column (GKD's rows)", [{"messages": [USER, ASSISTANT]}] * 2, dict(lmbda=0.5),
+     "an external teacher"),
+    ("an empty privileged_context counts as absent", [{"messages": [USER], "privileged_context": "", "answer": "7"}],
+     {}, None),
+]
+
+
+@pytest.mark.parametrize(("what", "rows", "overrides", "teacher"), ACCEPTED_ROWS, ids=[c[0] for c in ACCEPTED_ROWS])
+def test_usable_rows_pass_the_dataset_checks(tmp_path, tiny_tokenizer, what, rows, overrides, teacher):
+    from trl_opsd.collator import validate_dataset
+
+    args = OPSDConfig(**_config_kwargs(tmp_path, **overrides))
+    collator = OPSDCollator(tiny_tokenizer, privileged_from=args.privileged_from)
+    validate_dataset(collator, Dataset.from_list(rows), "train_dataset", args, teacher)
+
+
 TRAINER_CASES = [
     ("self_teacher with a teacher_model", dict(self_teacher="ema"), "never/loaded-teacher",
      r"self_teacher='ema' chooses a self-teacher, but a teacher_model was given"),
