@@ -163,7 +163,8 @@ class OPSDConfig(GKDConfig):
             raise ValueError(f"temperature (the sampling temperature of rollouts) must be > 0, got "
                              f"{self.temperature}; rollouts sample from softmax(logits / temperature)")
         if self.vllm_server_timeout <= 0:
-            raise ValueError(f"vllm_server_timeout must be a positive number of seconds, got {self.vllm_server_timeout}")
+            raise ValueError(f"vllm_server_timeout must be a positive number of seconds, got "
+                             f"{self.vllm_server_timeout}")
         if self.kl_clip is not None and self.kl_clip <= 0:
             raise ValueError(f"kl_clip must be positive or None, got {self.kl_clip}")
         if self.loss_temperature <= 0:

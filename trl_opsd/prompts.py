@@ -62,9 +62,10 @@ def check_templates(teacher_prompt_template: str, answer_context_template: str, 
     if privileged_from is None:
         return
     fields = template_fields(answer_context_template, "answer_context_template")
-    if fields - {privileged_from}:
+    unknown = sorted(fields - {privileged_from})
+    if unknown:
         raise ValueError(
-            f"answer_context_template={answer_context_template!r} has placeholders {sorted(fields - {privileged_from})} "
-            f"that no row fills: its only placeholder is {{{privileged_from}}} (privileged_from={privileged_from!r}). "
-            "Change the template or privileged_from"
+            f"answer_context_template={answer_context_template!r} has placeholders {unknown} that no row fills: the "
+            f"only one it may use is {{{privileged_from}}} (privileged_from={privileged_from!r}). Change the template "
+            "or privileged_from"
         )

@@ -723,4 +723,3 @@ class OPSDTrainer(GKDTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         # Completions were attached in get_batch_samples; skip GKDTrainer.training_step's own sampling.
         return SFTTrainer.training_step(self, model, inputs, num_items_in_batch)
-

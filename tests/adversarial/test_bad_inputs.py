@@ -362,7 +362,8 @@ def _sample_log(folder: Path, lines: list) -> Path:
 GOOD_SAMPLES = [_sample(i) for i in range(6)]
 COMPARE_CASES = [
     ("a line that is a list", [*GOOD_SAMPLES, [1, 2]], r"\.jsonl:7: a sample line must be a JSON object, got list"),
-    ("a list filter", [_sample(0), _sample(1, filter=["none"])], r"\.jsonl:2: field 'filter' must be a string, got list"),
+    ("a list filter", [_sample(0), _sample(1, filter=["none"])],
+     r"\.jsonl:2: field 'filter' must be a string, got list"),
     ("an integer doc_hash", [_sample(0, doc_hash=12345)], r"\.jsonl:1: field 'doc_hash' must be a string, got int"),
     ("a string doc_id", [_sample(0), {**_sample(1), "doc_id": "1"}], r"\.jsonl:2: field 'doc_id' must be an integer"),
     ("NaN num_output_tokens", [_sample(0), '{"doc_id": 1, "filter": "none", "doc_hash": "h1", "exact_match": 1.0, '
@@ -370,7 +371,8 @@ COMPARE_CASES = [
      r"\.jsonl:2: field 'num_output_tokens' is nan; it must be a finite number"),
     ("infinite num_output_tokens", [_sample(0, num_output_tokens=INF)],
      r"\.jsonl:1: field 'num_output_tokens' is inf"),
-    ("negative num_output_tokens", [_sample(0, num_output_tokens=-3)], r"\.jsonl:1: field 'num_output_tokens' is negative"),
+    ("negative num_output_tokens", [_sample(0, num_output_tokens=-3)],
+     r"\.jsonl:1: field 'num_output_tokens' is negative"),
     ("NaN difficulty", [_sample(0, difficulty=NAN)], r"\.jsonl:1: field 'difficulty' is nan"),
     ("a sample without doc_hash", [{"doc_id": 0, "filter": "none"}], r"\.jsonl:1: sample lacks doc_hash"),
 ]
