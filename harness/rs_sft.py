@@ -3,7 +3,8 @@ ones the verifier and/or the PRM judge accept, and write an SFT-ready chat datas
 
 Files in the output directory:
 
-- ``job.json``: what produced the samples (sampler, K, judge); a resumed job must match it.
+- ``job.json``: what produced the samples (sampler, K, judge); a resumed job must match it. Written
+  atomically (a kill leaves the old file or the new one, never half of one).
 - ``samples.jsonl``: the append-only log, one line per prompt with all K completions, their verifier
   labels and PRM step scores, written and flushed as each chunk of prompts finishes. It is keyed by
   prompt id: a killed job resumes where it stopped (a torn last line is cut off and redone), never
@@ -16,6 +17,11 @@ Files in the output directory:
 Reproducibility: the in-process student samples a fixed chunk of prompts (by position in the prompt
 list) in one batch with a seed derived from the chunk, so a resumed job regenerates a half-written
 chunk exactly. An API teacher's samples are reproducible through its response cache (``--teacher-cache``).
+
+What a kill costs: the samples of the unfinished chunk of prompts (``--chunk-prompts``), and the PRM judge's
+verdicts on them: the judge cache (``--judge-cache``) saves verdicts per batch of up to 64 rollouts, so a kill
+re-pays at most the judge calls of one such batch, none with ``--judge-http-cache`` (every reply is cached as it
+arrives).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -33,6 +40,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from harness.io_utils import atomic_write_text, read_jsonl_objects
 from harness.prm import PRMJudge, add_judge_arguments, add_text_teacher_arguments, aggregate, split_steps
 from harness.stats import bootstrap_mean, pass_at_k, pass_at_k_mean, wilson_interval
 from harness.verifiers import is_correct
@@ -81,9 +89,14 @@ def prompt_from_row(row: dict[str, Any], index: int) -> PromptRow:
 
 
 def load_prompts(path: str | os.PathLike) -> list[PromptRow]:
-    with open(path) as handle:
-        rows = [json.loads(line) for line in handle if line.strip()]
-    return [prompt_from_row(row, i) for i, row in enumerate(rows)]
+    """Prompts of a JSONL file; a line that is not a JSON object is refused with the file and line number."""
+    prompts = []
+    for line_number, row in read_jsonl_objects(path):
+        try:
+            prompts.append(prompt_from_row(row, len(prompts)))
+        except (ValueError, TypeError, AttributeError, KeyError) as error:
+            raise ValueError(f"{path}:{line_number}: {error}") from None
+    return prompts
 
 
 def world_prompts(n: int, split: str = "train", seed: int = 1) -> list[PromptRow]:
@@ -290,21 +303,28 @@ def run_rs_sft(
     _write_jsonl(out / "sft.jsonl", rows)
     report = build_report(records, settings, samples=samples, n_resamples=n_resamples)
     report.update(sampler=sampler.describe(), judge=judge.describe() if judge else None, sft_rows=len(rows))
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(render_markdown(report))
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+    atomic_write_text(out / "report.md", render_markdown(report))
     return report
 
 
 def _check_job(path: Path, fingerprint: dict[str, Any]) -> None:
     if path.exists():
-        stored = json.loads(path.read_text())
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(
+                f"{path} is not valid JSON ({error}): a run killed while writing it (before it was written "
+                f"atomically). It only records the job's settings: delete it and rerun the same command to resume "
+                f"from {path.parent / 'samples.jsonl'}, or use a new --out"
+            ) from None
         if stored != json.loads(json.dumps(fingerprint)):
             raise ValueError(
                 f"{path.parent} holds a job made with other settings:\n  stored:  {stored}\n  now:     {fingerprint}\n"
                 "resume with the same sampler, K and judge, or use a new --out"
             )
     else:
-        path.write_text(json.dumps(fingerprint, indent=2))
+        atomic_write_text(path, json.dumps(fingerprint, indent=2))
 
 
 def _records(prompts: Sequence[PromptRow], texts: Sequence[Sequence[str]], judge: PRMJudge | None) -> list[dict]:
@@ -501,7 +521,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     smp.add_argument("--temperature", type=float, default=1.0)
     smp.add_argument("--max-new-tokens", type=int, default=48)
     smp.add_argument("--seed", type=int, default=0)
-    smp.add_argument("--chunk-prompts", type=int, default=16, help="prompts per sampling batch and log flush")
+    smp.add_argument("--chunk-prompts", type=int, default=16, help="prompts per sampling batch and log flush "
+                     "(a kill re-pays the unfinished chunk's samples, and its judge calls without "
+                     "--judge-http-cache)")
     flt = parser.add_argument_group("filter")
     flt.add_argument("--filter", choices=FILTERS, default="both")
     flt.add_argument("--aggregation", choices=("min", "mean", "last", "product"), default="min")
@@ -530,9 +552,34 @@ def _sampler_from_args(args: argparse.Namespace):
                           max_new_tokens=args.max_new_tokens, seed=args.seed)
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse flag values that would fail (or silently mislead) only after models load, naming the flag."""
+    for flag, minimum in (("samples", 1), ("chunk_prompts", 1), ("num_prompts", 1), ("max_new_tokens", 1),
+                          ("ensemble", 1), ("teacher_concurrency", 1), ("judge_concurrency", 1)):
+        value = getattr(args, flag, None)
+        if value is not None and value < minimum:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least {minimum}, got {value}")
+    if args.max_per_prompt is not None and args.max_per_prompt < 1:
+        raise ValueError(f"--max-per-prompt must be at least 1 (or left out), got {args.max_per_prompt}")
+    for flag in ("temperature", "tau", "ensemble_temperature"):
+        value = getattr(args, flag, None)
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"--{flag.replace('_', '-')} must be a finite number, got {value}")
+    if args.temperature < 0 or (args.sampler == "student" and args.temperature == 0):
+        raise ValueError(f"--temperature must be > 0 for sampling (>= 0 for --sampler teacher), got {args.temperature}")
+    for prefix, used in (("teacher", args.sampler == "teacher"), ("judge", args.judge == "remote")):
+        env = getattr(args, f"{prefix}_api_key_env", None)
+        if used and env and not os.environ.get(env):
+            raise ValueError(f"--{prefix}-api-key-env names {env}, which is not set (or empty) in this environment")
+        key_file = getattr(args, f"{prefix}_api_key_file", None)
+        if used and key_file and not os.path.isfile(key_file):
+            raise ValueError(f"--{prefix}-api-key-file {key_file}: no such file")
+
+
 def run(args: argparse.Namespace) -> int:
     from harness.prm import judges_from_args
 
+    check_arguments(args)
     prompts = load_prompts(args.prompts) if args.prompts else world_prompts(args.num_prompts, args.prompt_split,
                                                                           args.prompt_seed)
     settings = FilterSettings(filter=args.filter, aggregation=args.aggregation, tau=args.tau,

@@ -100,7 +100,10 @@ def detect_launch() -> Launch:
 def parse(parser, argv: list[str] | None, launch: Launch) -> tuple:
     """The parser's dataclasses from ``argv`` (default: the command line) plus the launch's forced arguments."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parsed = parser.parse_args_and_config(args=argv + launch.argv())
+    try:
+        parsed = parser.parse_args_and_config(args=argv + launch.argv())
+    except ValueError as error:  # a config value refused in __post_init__: a refusal, not a crash
+        raise RecipeError(str(error)) from None
     manifest.register_secrets(parsed)  # before any plan is printed: the key behind teacher_api_key_env, URL credentials
     return parsed
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
 from harness.arithmetic import generate_problems, problems_to_rows
+from harness.io_utils import read_jsonl_objects
 from harness.verifiers import normalize_number
 
 ARITHMETIC = "arithmetic"
@@ -93,10 +94,15 @@ def load_rows(
     if source.kind == ARITHMETIC:
         problems = generate_problems(num_rows or DEFAULT_ARITHMETIC_ROWS, split=source.split, seed=seed)
         return Dataset.from_list(problems_to_rows(problems, with_solution=with_solution))
-    if source.kind == "jsonl":
-        dataset = load_dataset("json", data_files=source.name, split="train")
-    elif source.kind == "jsonl_folder":
-        dataset = load_dataset("json", data_files=str(Path(source.name) / f"{source.split}.jsonl"), split="train")
+    if source.kind in ("jsonl", "jsonl_folder"):
+        path = source.name if source.kind == "jsonl" else str(Path(source.name) / f"{source.split}.jsonl")
+        check_json_file(path)
+        try:
+            dataset = load_dataset("json", data_files=path, split="train")
+        except Exception as error:  # DatasetGenerationError wraps pyarrow's reason (e.g. a field changing type)
+            cause = error.__cause__ or error
+            raise DataSourceError(f"dataset_name: {path}: the rows do not form one table: {type(cause).__name__}: "
+                                  f"{cause}; give each field one type on every line") from None
     elif source.kind == "saved_dataset":
         dataset = load_from_disk(source.name)
         if isinstance(dataset, DatasetDict):
@@ -110,6 +116,30 @@ def load_rows(
     if num_rows is not None:
         dataset = dataset.select(range(min(num_rows, len(dataset))))
     return to_contract(dataset, dataset_format, with_solution)
+
+
+def check_json_file(path: str) -> None:
+    """Refuse a local JSON / JSONL file that ``datasets`` would reject with a bare ``DatasetGenerationError``,
+    naming the file and line: every non-blank line a JSON object (or, for .json, the file one JSON array/object)."""
+    if path.endswith(".json"):
+        try:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read()
+            json.loads(text)
+            return
+        except UnicodeDecodeError as error:
+            raise DataSourceError(f"dataset_name: {path}: not UTF-8 text ({error.reason})") from None
+        except json.JSONDecodeError as error:
+            if text.lstrip().startswith("["):  # one JSON array: its parser knows the line
+                raise DataSourceError(f"dataset_name: {path}:{error.lineno}: not valid JSON ({error.msg}, column "
+                                      f"{error.colno})") from None
+            # else maybe JSON lines in a .json file: the line-by-line check below names the bad line
+    try:
+        rows = read_jsonl_objects(path)
+    except ValueError as error:
+        raise DataSourceError(f"dataset_name: {error}") from None
+    if not rows:
+        raise DataSourceError(f"dataset_name: {path} holds no rows")
 
 
 def to_contract(dataset: Dataset, dataset_format: str, with_solution: bool) -> Dataset:

@@ -8,6 +8,7 @@ teacher model or OpenAI-compatible server (``external``), or, for the unified ob
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,12 +18,21 @@ from trl import ModelConfig, TrlParser, get_peft_config
 from recipes import common, launch_env, memory, models, student
 from recipes.common import RecipeArguments, RecipeError
 from trl_opsd import OPSDConfig, OPSDTrainer
+from trl_opsd.collator import OPSDCollator, validate_dataset
 from trl_opsd.rewards import math_answer_reward
 from trl_opsd.unified import UnifiedConfig, UnifiedTrainer
 
 API_SERVERS = ("vllm", "openai")
 REWARD_FUNCTIONS = {"math_answer": math_answer_reward}
 RECIPES = ("opsd", "opd", "unified")
+TEACHER_CACHE_FILE = "teacher_cache.sqlite"
+
+
+def teacher_cache_file(cache_dir: str | None) -> str | None:
+    """The SQLite file of ``teacher_api_cache_dir``: a folder (as its name says) holds it; a ``.sqlite`` path is it."""
+    if cache_dir is None or cache_dir.endswith(".sqlite"):
+        return cache_dir
+    return os.path.join(cache_dir, TEACHER_CACHE_FILE)
 
 
 @dataclass
@@ -38,7 +48,9 @@ class TeacherArguments:
                                     "(vLLM: top-k up to 20; OpenAI legacy completions: up to 5)."})
     teacher_api_key_env: str | None = field(default=None, metadata={"help": "Name of the environment variable that "
                                             "holds the server's API key (the key itself is never stored)."})
-    teacher_api_cache_dir: str | None = field(default=None, metadata={"help": "Cache teacher responses here."})
+    teacher_api_cache_dir: str | None = field(default=None, metadata={"help": "Folder for the teacher's response cache "
+                                              f"({TEACHER_CACHE_FILE} inside it); a path ending in .sqlite is the "
+                                              "cache file itself."})
 
     def __post_init__(self):
         if self.teacher_api_server not in API_SERVERS:
@@ -338,6 +350,60 @@ def resolve(recipe: str, args: Parsed, launch: common.Launch) -> Resolved:
     return Resolved(plan, student_spec, teacher, data)
 
 
+# -- input checks (before anything loads or is written) ----------------------------------------------
+def check_inputs(resolved: Resolved, args: Parsed, validate_rows: bool) -> None:
+    """Refuse an unset API-key variable and, with ``validate_rows``, any row the trainer would refuse, so a dry
+    run fails where the real run would; the plan says how far the rows were checked."""
+    env = args.teacher.teacher_api_key_env if args.teacher is not None else None
+    if env and not os.environ.get(env):
+        raise RecipeError(f"teacher_api_key_env={env!r} names an environment variable that is not set (or is empty); "
+                          "export it before the run")
+    if not validate_rows:
+        return
+    if resolved.data.train is None:
+        resolved.plan["data"]["rows_checked"] = "no: hub datasets are not fetched for a dry run"
+        return
+    tokenizer = _tokenizer_without_weights(resolved.student, args)
+    if tokenizer is None:
+        resolved.plan["data"]["rows_checked"] = "no: the student's tokenizer is not available offline"
+        return
+    training = args.training
+    privileged_from = training.privileged_from
+    if privileged_from == "auto":  # the unified config's: resolved by teacher_kind_of already, except for "none"
+        privileged_from = "answer" if resolved.teacher.kind == "self" else None
+    try:
+        collator = OPSDCollator(
+            tokenizer=tokenizer, max_prompt_length=training.max_prompt_length,
+            max_teacher_prompt_length=training.max_teacher_prompt_length,
+            max_completion_length=training.max_new_tokens, privileged_from=privileged_from,
+            answer_context_template=training.answer_context_template,
+            teacher_prompt_template=training.teacher_prompt_template,
+            privileged_truncation=training.privileged_truncation,
+        )
+        external = resolved.teacher if resolved.teacher.kind in ("external", "api") else None
+        training.check_trainer_inputs(external, len(tokenizer))
+        validate_dataset(collator, resolved.data.train, "train_dataset", training, external)
+    except ValueError as error:
+        raise RecipeError(str(error)) from None
+    resolved.plan["data"]["rows_checked"] = f"all {len(resolved.data.train)} rows built with the student's tokenizer"
+
+
+def _tokenizer_without_weights(spec: models.ModelSpec, args: Parsed):
+    """The student's tokenizer (no weights), or None where it cannot be had offline."""
+    if spec.kind == "arithmetic" and not spec.ready:
+        from harness.tiny_models import build_tokenizer
+
+        return build_tokenizer()  # what harness.warm_start saves with the world model
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec.path or spec.name, revision=args.model.model_revision,
+                                                  trust_remote_code=args.training.trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # as student.load does
+    return tokenizer
+
+
 # -- run ----------------------------------------------------------------------------------------------
 def build_teacher(resolved: Resolved, teacher_args: TeacherArguments | None, training_args: OPSDConfig,
                   model_args: ModelConfig, tokenizer):
@@ -351,7 +417,7 @@ def build_teacher(resolved: Resolved, teacher_args: TeacherArguments | None, tra
         return OpenAICompatTeacher(
             teacher_args.teacher_api_base, teacher_args.teacher_api_model, student_tokenizer=tokenizer,
             server=teacher_args.teacher_api_server, api_key_env=teacher_args.teacher_api_key_env,
-            cache=teacher_args.teacher_api_cache_dir,
+            cache=teacher_cache_file(teacher_args.teacher_api_cache_dir),
         ), None
     path = models.materialize(teacher.spec)
     init_kwargs = dict(training_args.teacher_model_init_kwargs or {})
@@ -371,6 +437,7 @@ def run(recipe: str, argv: list[str] | None = None) -> int:
     launch = common.detect_launch()
     args = unpack(recipe, common.parse(make_parser(recipe), argv, launch))
     resolved = resolve(recipe, args, launch)
+    check_inputs(resolved, args, validate_rows=args.script.dry_run)  # the trainer validates rows of a real run
     common.print_plan(recipe, resolved.plan, args.script.dry_run)
     if args.script.dry_run:
         return common.dry_run(recipe, resolved.plan, args.all, resolved.data, args.training.output_dir)

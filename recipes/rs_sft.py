@@ -76,7 +76,11 @@ def plan_for(args: argparse.Namespace) -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    plan = plan_for(args)
+    try:
+        rs_sft.check_arguments(args)
+        plan = plan_for(args)
+    except ValueError as error:  # flags and the prompts file (named with its line) are refused before any load
+        raise RecipeError(str(error)) from None
     common.print_plan("rs_sft", plan, args.dry_run)
     out = Path(args.out)
     if args.dry_run:

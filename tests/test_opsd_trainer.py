@@ -213,7 +213,7 @@ def test_loss_is_normalised_by_generated_tokens_over_the_accumulation_window(tin
 def test_on_policy_coin_is_one_decision_per_step_shared_by_all_ranks(tiny_tokenizer, tmp_path):
     args = _config(tmp_path, lmbda=0.3, seq_kd=False)
     trainers = [OPSDTrainer(model=build_tiny_model(tiny_tokenizer), args=args, processing_class=tiny_tokenizer,
-                            train_dataset=Dataset.from_list(_rows(4))) for _ in range(2)]
+                            train_dataset=Dataset.from_list(_rows(4, with_solution=True))) for _ in range(2)]
     decisions = []
     for step in range(400):
         for trainer in trainers:
@@ -225,9 +225,12 @@ def test_on_policy_coin_is_one_decision_per_step_shared_by_all_ranks(tiny_tokeni
 
 
 def test_dataset_steps_without_completions_fail_with_a_clear_message(tiny_tokenizer, tmp_path):
+    with pytest.raises(ValueError, match=r"train_dataset: row 0: has no completion .*trailing assistant turn"):
+        OPSDTrainer(model=build_tiny_model(tiny_tokenizer), args=_config(tmp_path, lmbda=0.0),
+                    processing_class=tiny_tokenizer, train_dataset=Dataset.from_list(_rows(4)))
     trainer = OPSDTrainer(model=build_tiny_model(tiny_tokenizer), args=_config(tmp_path, lmbda=0.0),
-                          processing_class=tiny_tokenizer, train_dataset=Dataset.from_list(_rows(4)))
-    with pytest.raises(ValueError, match="trailing assistant turn"):
+                          processing_class=tiny_tokenizer, train_dataset=Dataset.from_list(_rows(4, True)))
+    with pytest.raises(ValueError, match="trailing assistant turn"):  # a batch from elsewhere: refused at the step
         trainer._attach_completions(trainer.data_collator(_rows(2)), "dataset")
 
 

@@ -243,6 +243,31 @@ def test_resume_refuses_other_settings(tmp_path, tiny_student, stub_judge):
                    progress=False)
 
 
+def test_job_file_is_written_atomically_and_a_torn_one_says_how_to_recover(tmp_path, tiny_student, monkeypatch):
+    import harness.io_utils
+
+    prompts = world_prompts(2, "train", seed=4)
+    settings = FilterSettings("verifier")
+
+    def killed(source, target):
+        raise KeyboardInterrupt  # killed between writing the new file and renaming it over the old one
+
+    monkeypatch.setattr(harness.io_utils.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_rs_sft(prompts, tiny_student, tmp_path / "killed", samples=2, settings=settings, progress=False)
+    assert list((tmp_path / "killed").iterdir()) == []  # no job.json, half or whole, and no temporary file
+    monkeypatch.undo()
+
+    torn = tmp_path / "torn"
+    torn.mkdir()
+    (torn / "job.json").write_text('{"sampler": {"kind": "stu')  # an older version's non-atomic write, cut short
+    with pytest.raises(ValueError, match=r"torn/job\.json is not valid JSON .*delete it and rerun the same command"):
+        run_rs_sft(prompts, tiny_student, torn, samples=2, settings=settings, progress=False)
+    (torn / "job.json").unlink()
+    report = run_rs_sft(prompts, tiny_student, torn, samples=2, settings=settings, progress=False, n_resamples=100)
+    assert report["sft_rows"] >= 0 and json.loads((torn / "job.json").read_text())["samples"] == 2
+
+
 def test_build_report_without_gold_answers_skips_pass_at_k():
     records = [{"id": "a", "messages": [], "answer": None, "completions": [
         {"text": "1+1=2", "correct": None, "steps": ["1+1=2"], "prm": {"ok": True, "step_scores": [1.0]}},
