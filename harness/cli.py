@@ -9,13 +9,13 @@ import sys
 # name -> (module implementing `add_arguments(parser)` and `run(args) -> int`, one-line help).
 # Modules are imported only when their command runs, so `trl-opsd --help` stays fast.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("harness.demo", "the whole story offline on CPU: warm start, OPSD/OPD arms, lm-eval, paired comparison"),
-    "world": ("harness.world_cli", "build and warm-start the offline arithmetic world (cached) and report it"),
+    "demo": ("harness.world.demo", "the whole story offline on CPU: warm start, OPSD/OPD arms, lm-eval, paired comparison"),
+    "world": ("harness.world.cli", "build and warm-start the offline arithmetic world (cached) and report it"),
     "eval": ("harness.lm_eval_runner", "lm-eval's CLI with the opsd_* tasks and the cortex model added"),
     "compare": ("harness.compare", "paired comparison of lm-eval --log_samples runs (Wilson, McNemar, bootstrap)"),
-    "geometry": ("harness.geometry_cli", "OPD-vs-OPSD per-token divergence geometry on the arithmetic world"),
-    "rs-sft": ("harness.rs_sft", "rejection-sampling SFT data: sample K, verify and/or PRM-filter, write + report"),
-    "prm-calibrate": ("harness.prm_calibration", "calibrate PRM judges against the verifier (AUROC, Spearman)"),
+    "geometry": ("harness.world.geometry", "OPD-vs-OPSD per-token divergence geometry on the arithmetic world"),
+    "rs-sft": ("harness.world.rs_sft", "rejection-sampling SFT data: sample K, verify and/or PRM-filter, write + report"),
+    "prm-calibrate": ("harness.world.prm_calibration", "calibrate PRM judges against the verifier (AUROC, Spearman)"),
     "doctor": ("harness.doctor", "preflight: torch/CUDA, bitsandbytes, DeepSpeed, vLLM, tokenizer match"),
 }
 

@@ -29,8 +29,8 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
-from harness.arithmetic import generate_problems, problems_to_rows
 from harness.verifiers import normalize_number
+from harness.world.arithmetic import generate_problems, problems_to_rows
 
 ARITHMETIC = "arithmetic"
 DEFAULT_ARITHMETIC_ROWS = 2000

@@ -1,7 +1,7 @@
 """Which model a name means, how big it is (without loading weights), and how to load it.
 
 A model name is a local folder, a hub id, or a model of the offline arithmetic world:
-``arithmetic:warm`` is the cached warm-started checkpoint (``harness.warm_start``), built on first use
+``arithmetic:warm`` is the cached warm-started checkpoint (``harness.world.warm_start``), built on first use
 (minutes, on the main process first); ``arithmetic:warm?max_steps=3000&target_no_hint_accuracy=0.6``
 overrides fields of ``WarmStartSettings`` (e.g. a longer-trained, stronger teacher for OPD).
 
@@ -12,19 +12,16 @@ as an estimate.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qsl
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
-from harness.warm_start import WarmStartSettings, default_cache_dir, warm_start
+from harness.world import warm_start as world
+from harness.world.warm_start import WarmStartSettings
 
-WORLD_PREFIX = "arithmetic:"
-WORLD_MODELS = ("warm",)
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -43,37 +40,20 @@ class ModelSpec:
     def describe(self) -> dict[str, object]:
         details: dict[str, object] = {"name": self.name, "kind": self.kind, "path": self.path, "ready": self.ready}
         if self.world_settings is not None and not self.ready:
-            details["note"] = "built on first use by harness.warm_start (minutes on CPU), then cached"
+            details["note"] = "built on first use by harness.world.warm_start (minutes on CPU), then cached"
         return details
-
-
-def _world_settings(name: str) -> WarmStartSettings:
-    body = name[len(WORLD_PREFIX):]
-    model, _, query = body.partition("?")
-    if model not in WORLD_MODELS:
-        known = [WORLD_PREFIX + m for m in WORLD_MODELS]
-        raise ModelSpecError(f"unknown arithmetic-world model {name!r}: known are {known}")
-    fields = {f.name: f for f in dataclasses.fields(WarmStartSettings)}
-    overrides = {}
-    for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
-        if key not in fields or key == "version":
-            known = sorted(set(fields) - {"version"})
-            raise ModelSpecError(f"{name!r}: {key!r} is not a WarmStartSettings field ({known})")
-        caster = type(fields[key].default)
-        try:
-            overrides[key] = caster(value)
-        except ValueError:
-            raise ModelSpecError(f"{name!r}: {key}={value!r} is not a {caster.__name__}") from None
-    return WarmStartSettings(**overrides)
 
 
 def resolve(name: str | None, what: str = "model_name_or_path") -> ModelSpec:
     """Classify ``name`` without loading or downloading anything."""
     if not name:
         raise ModelSpecError(f"{what} is required")
-    if name.startswith(WORLD_PREFIX):
-        settings = _world_settings(name)
-        folder = Path(default_cache_dir()) / "arithmetic" / settings.cache_key()
+    if world.is_world_model(name):
+        try:
+            settings = world.settings_from_name(name)
+        except world.WorldModelNameError as error:
+            raise ModelSpecError(str(error)) from None
+        folder = world.cache_folder(settings)
         return ModelSpec(name, "arithmetic", str(folder), (folder / "warm_start.json").exists(), settings)
     path = Path(name).expanduser()
     if path.exists():
@@ -92,7 +72,7 @@ def materialize(spec: ModelSpec) -> str:
     from accelerate import PartialState
 
     with PartialState().main_process_first():
-        return warm_start(spec.world_settings).path
+        return world.warm_start(spec.world_settings).path
 
 
 def _local_config(spec: ModelSpec, trust_remote_code: bool):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness import rs_sft  # noqa: E402
+from harness.world import rs_sft  # noqa: E402
 from recipes import common, models  # noqa: E402
 from recipes.common import RecipeError  # noqa: E402
 
@@ -44,7 +44,7 @@ def describe_sampler(args: argparse.Namespace) -> dict[str, object]:
         return {"kind": "text teacher", "model": args.teacher_model, "backend": args.teacher_backend,
                 "url": args.teacher_url}
     try:
-        spec = models.resolve("arithmetic:warm" if args.model == "world" else args.model, "--model")
+        spec = models.resolve(args.model, "--model")
     except models.ModelSpecError as error:
         raise RecipeError(str(error)) from None
     return {"kind": "student", "model": spec.describe()}

@@ -27,7 +27,7 @@ from recipes.common import FINGERPRINT_DIR, MANIFEST_NAME, tensor_digest  # noqa
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     """A deterministic, untrained tiny Llama and its tokenizer, saved like any local checkpoint."""
-    from harness.tiny_models import build_tiny_model, build_tokenizer
+    from harness.world.tiny import build_tiny_model, build_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny")
     tokenizer = build_tokenizer()
@@ -100,8 +100,8 @@ def test_two_process_deepspeed_zero2_cpu_run_agrees_with_ddp(ddp_run, tiny_check
 def _fsdp_trainer(tiny_tokenizer, tmp_path, monkeypatch, fsdp_version=2, **config):
     from datasets import Dataset
 
-    from harness.arithmetic import generate_problems, problems_to_rows
-    from harness.tiny_models import build_tiny_model
+    from harness.world.arithmetic import generate_problems, problems_to_rows
+    from harness.world.tiny import build_tiny_model
     from trl_opsd import OPSDConfig, OPSDTrainer
 
     args = OPSDConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, max_new_tokens=4,
@@ -119,7 +119,7 @@ def _fsdp_trainer(tiny_tokenizer, tmp_path, monkeypatch, fsdp_version=2, **confi
 
 @pytest.fixture
 def tiny_tokenizer_for_fsdp():
-    from harness.tiny_models import build_tokenizer
+    from harness.world.tiny import build_tokenizer
 
     return build_tokenizer()
 
@@ -128,7 +128,7 @@ def tiny_tokenizer_for_fsdp():
 def test_fsdp_places_a_frozen_teacher_with_trls_prepare_fsdp(tiny_tokenizer_for_fsdp, tmp_path, monkeypatch,
                                                              teacher_kind):
     import trl_opsd.trainer as trainer_module
-    from harness.tiny_models import build_tiny_model
+    from harness.world.tiny import build_tiny_model
     from trl_opsd.teachers.local import ModelTeacher
 
     trainer = _fsdp_trainer(tiny_tokenizer_for_fsdp, tmp_path, monkeypatch)
@@ -147,7 +147,7 @@ def test_fsdp_places_a_frozen_teacher_with_trls_prepare_fsdp(tiny_tokenizer_for_
 def test_fsdp_refuses_a_teacher_left_on_the_meta_device(tiny_tokenizer_for_fsdp, tmp_path, monkeypatch):
     trainer = _fsdp_trainer(tiny_tokenizer_for_fsdp, tmp_path, monkeypatch)
     with torch.device("meta"):
-        from harness.tiny_models import build_tiny_model
+        from harness.world.tiny import build_tiny_model
 
         teacher = build_tiny_model(tiny_tokenizer_for_fsdp, seed=1)
     with pytest.raises(ValueError, match="fsdp_cpu_ram_efficient_loading: false"):

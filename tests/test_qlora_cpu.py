@@ -16,7 +16,7 @@ sys.path.insert(0, str(REPO))
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install 'trl-opsd[quant]')")
 
-from harness.arithmetic import generate_problems, problems_to_rows  # noqa: E402
+from harness.world.arithmetic import generate_problems, problems_to_rows  # noqa: E402
 from recipes import models, opsd  # noqa: E402
 from recipes.common import MANIFEST_NAME  # noqa: E402
 from trl_opsd import OPSDConfig, OPSDTrainer  # noqa: E402
@@ -25,7 +25,7 @@ from trl_opsd.teachers.local import AdapterDisabledTeacher, completion_logits  #
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    from harness.tiny_models import build_tiny_model, build_tokenizer
+    from harness.world.tiny import build_tiny_model, build_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny")
     tokenizer = build_tokenizer()

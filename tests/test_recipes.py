@@ -256,7 +256,7 @@ def test_arithmetic_rows_and_their_fingerprint_are_deterministic():
 
 
 def test_model_names_resolve_without_loading(tmp_path, tiny_tokenizer):
-    from harness.tiny_models import build_tiny_model
+    from harness.world.tiny import build_tiny_model
 
     spec = models.resolve("arithmetic:warm?max_steps=3000&target_no_hint_accuracy=0.6")
     assert spec.world_settings.max_steps == 3000 and spec.world_settings.target_no_hint_accuracy == 0.6
@@ -298,7 +298,7 @@ def test_unified_recipe_plans_each_row_of_the_seed_table(preset, alpha, lam, tea
 @pytest.fixture(scope="module")
 def tiny_checkpoints(tmp_path_factory):
     """(student, teacher): two tiny Llamas with the same tokenizer, saved like any local checkpoint."""
-    from harness.tiny_models import build_tiny_model, build_tokenizer
+    from harness.world.tiny import build_tiny_model, build_tokenizer
 
     tokenizer = build_tokenizer()
     folders = []

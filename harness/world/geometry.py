@@ -8,7 +8,7 @@ two teachers, each under the view it sees in training:
   warm start fine-tuned further on gold solutions (``--teacher-steps`` SFT steps, cached next to the
   warm start); ``--teacher PATH`` uses any checkpoint with the same tokenizer instead.
 
-It writes ``geometry.png`` (``trl_opsd.geometry.plot_geometry``) and ``geometry.json`` (max/mean ratio,
+It writes ``geometry.png`` (``harness.plots.plot_geometry``) and ``geometry.json`` (max/mean ratio,
 top-5% share, share on the last equation's result, histogram, top tokens, for each method).
 """
 
@@ -20,8 +20,6 @@ import fcntl
 import hashlib
 import json
 from pathlib import Path
-
-HELP = "OPD-vs-OPSD per-token divergence geometry on the arithmetic world (PNG + JSON)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +50,8 @@ def stronger_teacher(warm_path: str, settings: TeacherSettings, seed: int = 0) -
 
 
 def _train_teacher(warm_path: str, settings: TeacherSettings, seed: int, out_dir: Path) -> float:
-    from harness.arithmetic import generate_problems
-    from harness.arms import no_hint_correctness, train_sft
+    from harness.world.arithmetic import generate_problems
+    from harness.world.arms import no_hint_correctness, train_sft
 
     train_sft(warm_path, out_dir, settings.steps, seed, batch_size=settings.batch_size,
               learning_rate=settings.learning_rate)
@@ -66,8 +64,8 @@ def opd_and_opsd_geometry(student_path: str, teacher_path: str, problems, beta: 
     """Geometry statistics (with raw values) of OPD and OPSD on the student's samples for ``problems``."""
     import torch
 
-    from harness.arithmetic import problems_to_rows
-    from harness.arms import load
+    from harness.world.arithmetic import problems_to_rows
+    from harness.world.warm_start import load
     from trl_opsd.collator import OPSDCollator
     from trl_opsd.geometry import geometry_statistics
     from trl_opsd.losses import per_token_divergence
@@ -131,9 +129,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from harness.arithmetic import generate_problems
-    from harness.warm_start import WarmStartSettings, warm_start
-    from trl_opsd.geometry import plot_geometry
+    from harness.plots import plot_geometry
+    from harness.world.arithmetic import generate_problems
+    from harness.world.warm_start import WarmStartSettings, warm_start
 
     warm = warm_start(WarmStartSettings(seed=args.seed), cache_dir=args.cache_dir)
     if args.teacher:
@@ -161,5 +159,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {png} and {out / 'geometry.json'}")
     return 0
 
-
-SUBCOMMAND = (HELP, add_arguments, run)  # the entry in harness.cli.SUBCOMMANDS

@@ -12,7 +12,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from harness.arithmetic import SPLITS, generate_problems, hinted_messages
+from harness.world.arithmetic import SPLITS, generate_problems, hinted_messages
 from trl_opsd.prompts import DEFAULT_TEACHER_PROMPT_TEMPLATE
 
 IM_START, IM_END, PAD = "<|im_start|>", "<|im_end|>", "<|pad|>"

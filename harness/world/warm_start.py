@@ -22,19 +22,27 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import parse_qsl
 
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from harness.arithmetic import Problem, generate_problems, hinted_messages
 from harness.generation import generate_texts, score_answers
-from harness.tiny_models import build_tiny_model, build_tokenizer
+from harness.world.arithmetic import Problem, generate_problems, hinted_messages
+from harness.world.tiny import build_tiny_model, build_tokenizer
 
 logger = logging.getLogger(__name__)
 
 WORLD_VERSION = "4"  # bump when the generator, tokenizer or training code changes the result
+WORLD_PREFIX = "arithmetic:"
+WORLD_MODELS = ("warm",)
+WORLD_MODEL = "arithmetic:warm"  # the warm-started model under default settings
+
+
+class WorldModelNameError(ValueError):
+    """An ``arithmetic:`` model name that does not parse."""
 
 
 @dataclass(frozen=True)
@@ -78,13 +86,56 @@ class WarmStartResult:
 
     def load(self):
         """(model, tokenizer) in fp32 on CPU."""
-        tokenizer = AutoTokenizer.from_pretrained(self.path)
-        model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32)
-        return model, tokenizer
+        return load(self.path)
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("TRL_OPSD_CACHE", Path.home() / ".cache" / "trl_opsd"))
+
+
+# -- the world model's one name, and its one loader -----------------------------------------------------
+def is_world_model(name: str) -> bool:
+    return name.startswith(WORLD_PREFIX)
+
+
+def settings_from_name(name: str) -> WarmStartSettings:
+    """``arithmetic:warm`` -> the default settings; ``arithmetic:warm?max_steps=3000&seed=1`` overrides fields
+    (e.g. a longer-trained, stronger teacher for OPD). :class:`WorldModelNameError` names what is wrong."""
+    body = name[len(WORLD_PREFIX):]
+    model, _, query = body.partition("?")
+    if model not in WORLD_MODELS:
+        known = [WORLD_PREFIX + m for m in WORLD_MODELS]
+        raise WorldModelNameError(f"unknown arithmetic-world model {name!r}: known are {known}")
+    fields = {f.name: f for f in dataclasses.fields(WarmStartSettings)}
+    overrides = {}
+    for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
+        if key not in fields or key == "version":
+            known = sorted(set(fields) - {"version"})
+            raise WorldModelNameError(f"{name!r}: {key!r} is not a WarmStartSettings field ({known})")
+        caster = type(fields[key].default)
+        try:
+            overrides[key] = caster(value)
+        except ValueError:
+            raise WorldModelNameError(f"{name!r}: {key}={value!r} is not a {caster.__name__}") from None
+    return WarmStartSettings(**overrides)
+
+
+def cache_folder(settings: WarmStartSettings, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where the checkpoint of ``settings`` is (or will be) cached."""
+    return Path(cache_dir or default_cache_dir()) / "arithmetic" / settings.cache_key()
+
+
+def checkpoint(name_or_path: str) -> str:
+    """A loadable folder: a world model name is warm-started on first use (then cached); a path is kept."""
+    if is_world_model(name_or_path):
+        return warm_start(settings_from_name(name_or_path)).path
+    return str(name_or_path)
+
+
+def load(name_or_path: str):
+    """(model, tokenizer) in fp32 on CPU, for a checkpoint folder or a world model name."""
+    path = checkpoint(name_or_path)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
 
 
 def evaluate_hint_gap(model, tokenizer, problems: list[Problem], batch_size: int = 128) -> tuple[list[bool], list[bool]]:
@@ -132,7 +183,7 @@ def warm_start(
 ) -> WarmStartResult:
     """Train (or load from cache) the warm-started tiny model and report its held-out accuracies."""
     settings = settings or WarmStartSettings()
-    out_dir = Path(cache_dir or default_cache_dir()) / "arithmetic" / settings.cache_key()
+    out_dir = cache_folder(settings, cache_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # One build per settings: concurrent callers (test workers, ranks, other jobs) wait for it.
     with open(out_dir / ".lock", "w") as lock:

@@ -12,14 +12,14 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers import AutoTokenizer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 from trl import SFTConfig, SFTTrainer
 
-from harness.arithmetic import Problem, generate_problems, problems_to_rows
 from harness.generation import generate_texts, score_answers
+from harness.world.arithmetic import Problem, generate_problems, problems_to_rows
+from harness.world.warm_start import load
 from trl_opsd import OPSDConfig, OPSDTrainer
 
 logger = logging.getLogger(__name__)
@@ -84,10 +84,6 @@ def _train_and_save(trainer, tokenizer, out_dir: Path, quiet: bool) -> list:
     tokenizer.save_pretrained(out_dir)
     (out_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     return trainer.state.log_history
-
-
-def load(path: str):
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
 
 
 def train_arm(
@@ -158,13 +154,13 @@ def no_hint_correctness(path: str, problems: list[Problem], batch_size: int = 12
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m harness.arms ARM[,ARM...] STEPS [OUT]``: train OPSD arms from the warm start and print,
+    """``python -m harness.world.arms ARM[,ARM...] STEPS [OUT]``: train OPSD arms from the warm start and print,
     per arm, held-out no-hint accuracy on 300 paired test problems with its Wilson CI and exact McNemar p."""
     import sys
     import time
 
     from harness.stats import mcnemar_test, wilson_interval
-    from harness.warm_start import warm_start
+    from harness.world.warm_start import warm_start
 
     names, steps, *rest = sys.argv[1:] if argv is None else argv
     out_dir = rest[0] if rest else "runs/arms"

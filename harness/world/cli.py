@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from harness.warm_start import WarmStartSettings, warm_start
+    from harness.world.warm_start import WarmStartSettings, warm_start
 
     result = warm_start(WarmStartSettings(seed=args.seed), cache_dir=args.cache_dir, force=args.force)
     print(json.dumps({key: value for key, value in asdict(result).items() if key != "history"}, indent=2))

@@ -16,8 +16,10 @@ text, so the split of a problem does not depend on how many problems were asked 
 from __future__ import annotations
 
 import hashlib
+import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from pathlib import Path
 
 from trl_opsd.prompts import DEFAULT_ANSWER_CONTEXT_TEMPLATE, insert_privileged_context
 
@@ -121,5 +123,28 @@ def problems_to_rows(problems: list[Problem], with_solution: bool = False) -> li
     return [problem.to_row(with_solution=with_solution) for problem in problems]
 
 
-def problem_from_dict(row: dict) -> Problem:
-    return Problem(**{key: row[key] for key in asdict(Problem("", "", "", 0))})
+# -- the opsd_arith lm-eval task's data file (harness/tasks/data/arith_test.jsonl) --------------------------
+TASK_NUM_PROBLEMS = 500
+TASK_SEED = 0
+
+
+def task_rows() -> list[dict]:
+    """The rows of the ``opsd_arith`` task's data file, recomputed from the generator."""
+    problems = generate_problems(TASK_NUM_PROBLEMS, split="test", seed=TASK_SEED)
+    return [
+        {"id": p.uid, "question": p.question, "solution": p.solution, "answer": p.answer, "difficulty": p.difficulty}
+        for p in problems
+    ]
+
+
+def task_jsonl() -> str:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in task_rows())
+
+
+def write_task_data(path: Path | None = None) -> None:
+    """Regenerate the bundled file (after a deliberate change to the arithmetic world)."""
+    from harness.tasks.utils import ARITH_DATA
+
+    path = path or ARITH_DATA
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(task_jsonl(), encoding="utf-8")

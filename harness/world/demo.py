@@ -27,9 +27,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from harness import compare
-from harness.arms import OPSD_ARMS, Arm, train_arm, train_sft
-from harness.parallel import plan_workers, process_pool, subprocess_env
-from harness.warm_start import warm_start
+from harness.world.arms import OPSD_ARMS, Arm, train_arm, train_sft
+from harness.world.parallel import plan_workers, process_pool, subprocess_env
+from harness.world.warm_start import warm_start
 
 logger = logging.getLogger(__name__)
 

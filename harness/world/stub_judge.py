@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from harness.prm import parse_judge_messages
+from harness.prm import StubJudge, parse_judge_messages
 
 STUB_MODEL = "arithmetic-stub-judge"
 CHAT_PATHS = ("/v1/chat/completions", "/chat/completions")
@@ -170,3 +170,6 @@ def serve_stub_judge(responder: Callable[[dict[str, Any]], str] = stub_judge_rep
     """The stub judge's base URL (without ``/v1``) for the duration of the block."""
     with StubJudgeServer(responder) as server:
         yield server.url
+
+
+STUB_JUDGE = StubJudge(STUB_MODEL, serve_stub_judge)  # what ``--judge stub`` serves in the world's commands
