@@ -1,4 +1,4 @@
-"""Two real processes: recipes/opsd.py under CPU DDP and under DeepSpeed ZeRO-2, launched by `accelerate launch`.
+"""Two real processes: harness.recipes.opsd under CPU DDP and under DeepSpeed ZeRO-2, launched by `accelerate launch`.
 
 FSDP is not run here: accelerate 1.15 applies FSDP only to GPU processes (with use_cpu it is plain CPU DDP, without
 it the state is not distributed at all), so the FSDP teacher placement is unit-tested at the end of this file.
@@ -19,9 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from recipes.common import FINGERPRINT_DIR, MANIFEST_NAME, tensor_digest  # noqa: E402
+from harness.recipes.common import FINGERPRINT_DIR, MANIFEST_NAME, tensor_digest
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +42,7 @@ def launch(accelerate_config: str, checkpoint: Path, out: Path) -> subprocess.Co
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(REPO / "accelerate_configs" / accelerate_config),
-        str(REPO / "recipes" / "opsd.py"), "--config", str(REPO / "recipes/configs/opsd_arith_cpu.yaml"),
+        "-m", "harness.recipes.opsd", "--config", str(REPO / "harness/recipes/configs/opsd_arith_cpu.yaml"),
         "--model_name_or_path", str(checkpoint), "--output_dir", str(out), "--rank_fingerprint",
         "--max_steps", "3", "--per_device_train_batch_size", "4", "--num_train_rows", "32", "--max_new_tokens", "8",
         "--learning_rate", "1e-2", "--logging_steps", "1",

@@ -1,24 +1,26 @@
-"""The flow OPSD, OPD and the unified recipe share: one ``OPSDTrainer`` (or ``UnifiedTrainer``).
+"""What OPSD, OPD and the unified recipe share: their arguments, the plan, and the teacher.
 
-``recipes/opsd.py``, ``recipes/opd.py`` and ``recipes/unified.py`` are thin front ends over :func:`run`;
-they differ in who teaches: the student's own initial policy seeing privileged context (``self``), a
-teacher model or OpenAI-compatible server (``external``), or, for the unified objective, whatever its
+``harness.recipes.opsd``, ``opd`` and ``unified`` each read parse -> plan -> load -> trainer -> train; they
+differ in who teaches: the student's own initial policy seeing privileged context (``self``), a teacher
+model or OpenAI-compatible server (``external``), or, for the unified objective, whatever its
 ``teacher_kind`` / ``preset`` says (including ``none``: reward only).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import AutoTokenizer
-from trl import ModelConfig, TrlParser, get_peft_config
+from trl import ModelConfig, TrlParser
 
-from recipes import common, launch_env, memory, models, student
-from recipes.common import RecipeArguments, RecipeError
-from trl_opsd import OPSDConfig, OPSDTrainer
+from harness.recipes import common, launch_env, memory, models, student
+from harness.recipes.common import RecipeArguments, RecipeError
+from harness.remote_teachers import remote_teacher
+from trl_opsd import OPSDConfig
 from trl_opsd.rewards import math_answer_reward
-from trl_opsd.unified import UnifiedConfig, UnifiedTrainer
+from trl_opsd.unified import UnifiedConfig
 
 API_SERVERS = ("vllm", "openai")
 REWARD_FUNCTIONS = {"math_answer": math_answer_reward}
@@ -95,7 +97,18 @@ class Parsed:
     all: tuple
 
 
-def unpack(recipe: str, parsed: tuple) -> Parsed:
+    def replace(self, model: ModelConfig, teacher: TeacherArguments | None) -> Parsed:
+        """The same arguments with new model / teacher arguments (the VRAM decision's), in ``all`` too."""
+        swap = {id(self.model): model, id(self.teacher): teacher}
+        return dataclasses.replace(self, model=model, teacher=teacher,
+                                   all=tuple(swap.get(id(a), a) for a in self.all))
+
+
+def parse(recipe: str, argv: list[str] | None, launch: common.Launch) -> Parsed:
+    """The recipe's arguments from ``argv`` (default: the command line) and its ``--config`` YAML."""
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+    parsed = common.parse(make_parser(recipe), argv, launch)
     if recipe == "opsd":
         script, training, model = parsed
         return Parsed(script, None, None, training, model, parsed)
@@ -125,10 +138,7 @@ def self_teacher(training_args: OPSDConfig, use_peft: bool) -> TeacherChoice:
     mode = training_args.self_teacher
     if mode == "live":
         return TeacherChoice("self", "student_view", "self: the live student weights, without gradient")
-    if use_peft:
-        if mode == "ema":
-            raise RecipeError("self_teacher='ema' needs its own weights and cannot be combined with use_peft (or a "
-                              "memory-tight switch to 4-bit + LoRA): use self_teacher 'frozen' or 'live'")
+    if use_peft and mode != "ema":  # EMA with PEFT is refused by trainer_refusals
         return TeacherChoice("self", "student_view", "self: the student with its LoRA adapters disabled = the "
                              "initial policy (no extra weights)")
     if mode == "ema":
@@ -145,7 +155,7 @@ def external_teacher(training_args: OPSDConfig, teacher_args: TeacherArguments) 
                              f"{teacher_args.teacher_api_base}, model {teacher_args.teacher_api_model}")
     if not training_args.teacher_model_name_or_path:
         raise RecipeError("OPD needs a teacher: set teacher_model_name_or_path (a model) or teacher_api_base + "
-                          "teacher_api_model (an OpenAI-compatible server); for a self-teacher use recipes/opsd.py")
+                          "teacher_api_model (an OpenAI-compatible server); for a self-teacher use trl-opsd opsd")
     try:
         spec = models.resolve(training_args.teacher_model_name_or_path, "teacher_model_name_or_path")
     except models.ModelSpecError as error:
@@ -153,14 +163,22 @@ def external_teacher(training_args: OPSDConfig, teacher_args: TeacherArguments) 
     return TeacherChoice("external", "external", f"in-process model {spec.name}", spec)
 
 
-def check_teacher_under_launch(setup: launch_env.LaunchSetup, teacher: TeacherChoice) -> None:
-    """Refuse the launch setups under which OPSDTrainer would place or shard the teacher wrongly, or which
+# =====================================================================================================
+# TRAINER REFUSALS, RE-WRITTEN HERE so that a dry run refuses what the trainer would refuse (or has never run).
+# To be rewired to trl_opsd.teacher_setup's checks; keep every refusal of the recipes in this one function.
+# =====================================================================================================
+def trainer_refusals(setup: launch_env.LaunchSetup, teacher: TeacherChoice, training_args: OPSDConfig,
+                     use_peft: bool) -> None:
+    """Refuse the setups under which OPSDTrainer would refuse, place or shard the teacher wrongly, or which
     have never been run.
 
     Under FSDP2 the trainer shards a teacher with its own weights through TRL's ``prepare_fsdp`` (and refuses
     FSDP1, EMA teachers and meta-device teachers itself), but no GPU run has exercised that path yet, so the
     recipes still route such teachers to PEFT or DeepSpeed.
     """
+    if teacher.kind == "self" and training_args.self_teacher == "ema" and use_peft:
+        raise RecipeError("self_teacher='ema' needs its own weights and cannot be combined with use_peft (or a "
+                          "memory-tight switch to 4-bit + LoRA): use self_teacher 'frozen' or 'live'")
     if setup.distributed == "fsdp":
         if setup.fsdp_version != 2:
             raise RecipeError(
@@ -182,9 +200,6 @@ def check_teacher_under_launch(setup: launch_env.LaunchSetup, teacher: TeacherCh
             "(copy.deepcopy) would clone empty shards. Set zero3_init_flag: false (accelerate_configs/"
             "deepspeed_zero3.yaml does) or use_peft: true"
         )
-
-
-def check_api_teacher_loss(training_args: OPSDConfig, teacher: TeacherChoice) -> None:
     if teacher.kind == "api" and training_args.divergence == "full":
         raise RecipeError("divergence='full' needs the teacher's dense logits, which a server does not return: set "
                           "divergence to 'topk' (top-k log-probs + tail bucket) or 'sampled' (sampled-token reverse "
@@ -208,24 +223,31 @@ def describe_unified(args: UnifiedConfig, reward: RewardArguments) -> dict[str, 
     }
 
 
-def describe_loss(args: OPSDConfig, reward: RewardArguments | None = None) -> dict[str, Any]:
+# =====================================================================================================
+# THE args.divergence BRANCHES of the recipes, all here. To be rewired to trl_opsd.objective.Divergence
+# (its description of the divergence, made once from the config).
+# =====================================================================================================
+def describe_divergence(args: OPSDConfig) -> str:
+    """The divergence the run minimises, in words, for the plan."""
     if args.divergence == "sampled":
-        divergence = ("sampled-token reverse KL: advantage log p_T(y) - log p_S(y) on the sampled token "
-                      f"(importance ratio capped at {args.sampled_ratio_cap}); logged value is the KL estimate")
-    else:
-        name = {0.0: "forward KL  KL(p_T || p_S)", 1.0: "reverse KL  KL(p_S || p_T)"}.get(
-            float(args.beta), f"generalized JSD(beta={args.beta})")
-        scope = "the vocabulary"
-        if args.divergence == "topk":
-            scope = f"the teacher's top-{args.teacher_top_k} + a tail bucket"
-        divergence = f"{name}, summed over {scope}  [beta={args.beta}]"
+        return ("sampled-token reverse KL: advantage log p_T(y) - log p_S(y) on the sampled token "
+                f"(importance ratio capped at {args.sampled_ratio_cap}); logged value is the KL estimate")
+    name = {0.0: "forward KL  KL(p_T || p_S)", 1.0: "reverse KL  KL(p_S || p_T)"}.get(
+        float(args.beta), f"generalized JSD(beta={args.beta})")
+    scope = "the vocabulary"
+    if args.divergence == "topk":
+        scope = f"the teacher's top-{args.teacher_top_k} + a tail bucket"
+    return f"{name}, summed over {scope}  [beta={args.beta}]"
+
+
+def describe_loss(args: OPSDConfig, reward: RewardArguments | None = None) -> dict[str, Any]:
     clip = "none"
     if args.kl_clip is not None:
         clip = f"{args.kl_clip_mode} at {args.kl_clip} per token, after the vocabulary sum"
     unified = describe_unified(args, reward) if isinstance(args, UnifiedConfig) else {}
     return {
         **unified,
-        "divergence": divergence,
+        "divergence": describe_divergence(args),
         "clip": clip,
         "loss_temperature": args.loss_temperature,
         "reduction": "sum over generated tokens / generated tokens in the accumulation window",
@@ -256,10 +278,12 @@ class Resolved:
     student: models.ModelSpec
     teacher: TeacherChoice
     data: common.Data
+    args: Parsed  # the arguments the run uses: the VRAM decision applied
 
 
-def resolve(recipe: str, args: Parsed, launch: common.Launch) -> Resolved:
-    """The plan, with the VRAM decision applied to the model / teacher arguments; loads no weights."""
+def make_plan(recipe: str, args: Parsed, launch: common.Launch) -> Resolved:
+    """The plan, and the arguments with the VRAM decision applied (new objects: ``args`` is not changed);
+    loads no weights."""
     script_args, teacher_args, training_args, model_args = args.script, args.teacher, args.training, args.model
     setup = common.described_setup(script_args, launch)
     try:
@@ -270,8 +294,8 @@ def resolve(recipe: str, args: Parsed, launch: common.Launch) -> Resolved:
     if teacher_kind != "external" and (training_args.teacher_model_name_or_path or
                                        (teacher_args and teacher_args.teacher_api_base)):
         raise RecipeError(f"this run's teacher is {teacher_kind!r}: remove teacher_model_name_or_path / "
-                          "teacher_api_base, or use recipes/opd.py (unified: teacher_kind external) for an external "
-                          "teacher")
+                          "teacher_api_base, or use trl-opsd opd (harness/recipes/opd.py; unified: teacher_kind "
+                          "external) for an external teacher")
     external = external_teacher(training_args, teacher_args) if teacher_kind == "external" else None
 
     def teacher_for(use_peft: bool) -> TeacherChoice:
@@ -283,36 +307,33 @@ def resolve(recipe: str, args: Parsed, launch: common.Launch) -> Resolved:
     teacher_parameters = None
     if external is not None and external.spec is not None:
         teacher_parameters, _ = models.count_parameters(external.spec, training_args.trust_remote_code)
+    teacher_4bit = bool(teacher_args and teacher_args.teacher_load_in_4bit)
 
-    def footprint(load_in_4bit: bool, use_peft: bool, teacher_4bit: bool) -> memory.TrainingFootprint | None:
+    def footprint(candidate: ModelConfig, switched: bool) -> memory.TrainingFootprint | None:
         if student_parameters is None:
             return None
+        teacher_in_4bit = teacher_4bit or (switched and external is not None)  # a switch quantizes the teacher too
         return memory.TrainingFootprint(
             student_parameters=student_parameters,
-            student=student.precision_of(model_args.dtype, load_in_4bit, model_args.load_in_8bit and not load_in_4bit),
-            use_peft=use_peft, teacher=teacher_for(use_peft).footprint, teacher_parameters=teacher_parameters,
-            teacher_precision=student.precision_of(teacher_dtype(training_args, model_args), teacher_4bit, False),
+            student=student.precision_of(candidate.dtype, candidate.load_in_4bit, candidate.load_in_8bit),
+            use_peft=candidate.use_peft, teacher=teacher_for(candidate.use_peft).footprint,
+            teacher_parameters=teacher_parameters,
+            teacher_precision=student.precision_of(teacher_dtype(training_args, candidate), teacher_in_4bit, False),
             num_processes=setup.num_processes, zero_stage=setup.zero_stage, fsdp=setup.distributed == "fsdp",
         )
 
-    teacher_4bit = bool(teacher_args and teacher_args.teacher_load_in_4bit)
     already_quantized = model_args.load_in_4bit and model_args.use_peft and (external is None or teacher_4bit
                                                                              or external.kind == "api")
     cannot_switch = training_args.self_teacher == "ema" and teacher_kind == "self"
     device, device_gib = common.device_memory(script_args, training_args)
-    decision = memory.decide(
-        footprint(model_args.load_in_4bit, model_args.use_peft, teacher_4bit),
-        None if already_quantized or cannot_switch else footprint(True, True, external is not None),
-        device, device_gib, script_args.memory_policy,
-    )
-    if decision.switch_to_4bit_lora:
-        model_args.load_in_4bit, model_args.load_in_8bit, model_args.use_peft = True, False, True
-        if teacher_args is not None and external is not None and external.kind == "external":
-            teacher_args.teacher_load_in_4bit = True
+    decision, model_args = memory.plan(model_args, footprint, device, device_gib, script_args.memory_policy,
+                                       can_switch=not (already_quantized or cannot_switch))
+    if decision.switch_to_4bit_lora and external is not None and external.kind == "external":
+        teacher_args = dataclasses.replace(teacher_args, teacher_load_in_4bit=True)
+    args = args.replace(model=model_args, teacher=teacher_args)
 
     teacher = teacher_for(model_args.use_peft)
-    check_teacher_under_launch(setup, teacher)
-    check_api_teacher_loss(training_args, teacher)
+    trainer_refusals(setup, teacher, training_args, model_args.use_peft)
     data = common.resolve_data(script_args, with_solution=training_args.lmbda < 1.0,
                                load_remote=not script_args.dry_run)
 
@@ -335,24 +356,29 @@ def resolve(recipe: str, args: Parsed, launch: common.Launch) -> Resolved:
         "output_dir": training_args.output_dir,
         "warnings": common.precision_warnings(training_args, device),
     }
-    return Resolved(plan, student_spec, teacher, data)
+    return Resolved(plan, student_spec, teacher, data, args)
 
 
-# -- run ----------------------------------------------------------------------------------------------
-def build_teacher(resolved: Resolved, teacher_args: TeacherArguments | None, training_args: OPSDConfig,
-                  model_args: ModelConfig, tokenizer):
-    """(teacher for the trainer's ``teacher_model``, its tokenizer or None); ``(None, None)`` for self / none."""
-    teacher = resolved.teacher
+def dry_run(recipe: str, run: Resolved) -> int:
+    return common.dry_run(recipe, run.plan, run.args.all, run.data, run.args.training.output_dir)
+
+
+def train_data(run: Resolved) -> common.Data:
+    """The run's rows (on-policy runs need no gold solution, off-policy ones do)."""
+    return common.loaded(run.data, run.args.script, with_solution=run.args.training.lmbda < 1.0)
+
+
+# -- the teacher --------------------------------------------------------------------------------------
+def build_teacher(run: Resolved, tokenizer):
+    """(the trainer's ``teacher_model``, its tokenizer or None) for the planned teacher; ``(None, None)`` for a
+    self-teacher (the trainer makes it from the student) or none. ``tokenizer`` is the student's."""
+    teacher, teacher_args, training_args, model_args = run.teacher, run.args.teacher, run.args.training, run.args.model
     if teacher.kind in ("self", "none"):
         return None, None
     if teacher.kind == "api":
-        from trl_opsd.teachers.openai_compat import OpenAICompatTeacher
-
-        return OpenAICompatTeacher(
-            teacher_args.teacher_api_base, teacher_args.teacher_api_model, student_tokenizer=tokenizer,
-            server=teacher_args.teacher_api_server, api_key_env=teacher_args.teacher_api_key_env,
-            cache=teacher_args.teacher_api_cache_dir,
-        ), None
+        return remote_teacher(teacher_args.teacher_api_base, teacher_args.teacher_api_model,
+                              teacher_args.teacher_api_server, api_key_env=teacher_args.teacher_api_key_env,
+                              cache=teacher_args.teacher_api_cache_dir, student_tokenizer=tokenizer), None
     path = models.materialize(teacher.spec)
     init_kwargs = dict(training_args.teacher_model_init_kwargs or {})
     dtype = init_kwargs.pop("dtype", model_args.dtype)
@@ -363,30 +389,3 @@ def build_teacher(resolved: Resolved, teacher_args: TeacherArguments | None, tra
                                   attn_implementation=model_args.attn_implementation, extra=init_kwargs)
     training_args.teacher_model_init_kwargs = None  # consumed here: the trainer gets an instance
     return model, AutoTokenizer.from_pretrained(path, trust_remote_code=training_args.trust_remote_code)
-
-
-def run(recipe: str, argv: list[str] | None = None) -> int:
-    if recipe not in RECIPES:
-        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
-    launch = common.detect_launch()
-    args = unpack(recipe, common.parse(make_parser(recipe), argv, launch))
-    resolved = resolve(recipe, args, launch)
-    common.print_plan(recipe, resolved.plan, args.script.dry_run)
-    if args.script.dry_run:
-        return common.dry_run(recipe, resolved.plan, args.all, resolved.data, args.training.output_dir)
-
-    if resolved.data.train is None:
-        resolved.data = common.resolve_data(args.script, args.training.lmbda < 1.0, load_remote=True)
-    model, tokenizer = student.load(resolved.student, args.training, args.model)
-    teacher, teacher_tokenizer = build_teacher(resolved, args.teacher, args.training, args.model, tokenizer)
-    trainer_kwargs = dict(
-        model=model, teacher_model=teacher, args=args.training, train_dataset=resolved.data.train,
-        processing_class=tokenizer, peft_config=get_peft_config(args.model), teacher_processing_class=teacher_tokenizer,
-    )
-    if recipe == "unified":
-        rewards = [REWARD_FUNCTIONS[name] for name in args.reward.reward_funcs]
-        trainer = UnifiedTrainer(**trainer_kwargs, reward_funcs=rewards)
-    else:
-        trainer = OPSDTrainer(**trainer_kwargs)
-    return common.train_and_record(recipe, trainer, resolved.plan, args.all, resolved.data, launch,
-                                   args.script.rank_fingerprint)

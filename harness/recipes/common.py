@@ -13,6 +13,7 @@ import argparse
 import datetime as _dt
 import hashlib
 import sys
+from importlib import resources
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,10 @@ import yaml
 from transformers import TrainerCallback
 from trl import ScriptArguments
 
-from recipes import data_sources, launch_env, manifest, memory
+from harness.recipes import data_sources, launch_env, manifest, memory
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the checkout (editable install) or site-packages
+CONFIGS = "configs"  # the shipped YAML configs, package data of harness.recipes
 MANIFEST_NAME = "run_manifest.json"
 DRY_RUN_MANIFEST_NAME = "run_manifest.dry_run.json"
 FINGERPRINT_DIR = "rank_fingerprints"
@@ -97,9 +99,37 @@ def detect_launch() -> Launch:
     return Launch(running, overrides)
 
 
+def shipped_configs() -> dict[str, Path]:
+    """``{name: path}`` of the YAML configs installed with the package (``opsd_arith_cpu``, ...)."""
+    folder = resources.files("harness.recipes") / CONFIGS
+    return {Path(entry.name).stem: Path(str(entry)) for entry in folder.iterdir() if entry.name.endswith(".yaml")}
+
+
+def config_path(value: str) -> str:
+    """``--config``'s value as a file: an existing path as given, else a shipped config's name."""
+    if Path(value).expanduser().exists():
+        return value
+    shipped = shipped_configs()
+    name = Path(value).name.removesuffix(".yaml")
+    if "/" not in value and name in shipped:
+        return str(shipped[name])
+    raise RecipeError(f"--config {value!r} is neither a file nor a shipped config; shipped are {sorted(shipped)}")
+
+
+def with_config_paths(argv: list[str]) -> list[str]:
+    """``argv`` with every ``--config NAME`` / ``--config=NAME`` turned into a path (see :func:`config_path`)."""
+    out = list(argv)
+    for i, token in enumerate(out):
+        if token == "--config" and i + 1 < len(out):
+            out[i + 1] = config_path(out[i + 1])
+        elif token.startswith("--config="):
+            out[i] = "--config=" + config_path(token.split("=", 1)[1])
+    return out
+
+
 def parse(parser, argv: list[str] | None, launch: Launch) -> tuple:
     """The parser's dataclasses from ``argv`` (default: the command line) plus the launch's forced arguments."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = with_config_paths(list(sys.argv[1:] if argv is None else argv))
     return parser.parse_args_and_config(args=argv + launch.argv())
 
 
@@ -186,6 +216,11 @@ def resolve_data(script_args: RecipeArguments, with_solution: bool, load_remote:
     return Data(source, train, data_sources.fingerprint(train))
 
 
+def loaded(data: Data, script_args: RecipeArguments, with_solution: bool) -> Data:
+    """``data`` with its rows: a hub dataset the plan did not fetch is loaded now."""
+    return data if data.train is not None else resolve_data(script_args, with_solution, load_remote=True)
+
+
 # -- plan and manifests -------------------------------------------------------------------------------
 def is_main_process() -> bool:
     from accelerate import PartialState
@@ -215,7 +250,7 @@ def manifest_payload(recipe: str, plan: dict[str, Any], parsed: tuple, status: s
         "plan": plan,
         "resolved_config": config,
         "packages": manifest.package_versions(),
-        "git": manifest.git_state(REPO_ROOT),
+        "git": manifest.git_state(SOURCE_ROOT),
         "runtime": manifest.runtime_info(),
         **extra,
     }

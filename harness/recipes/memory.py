@@ -17,9 +17,12 @@ On CPU there is no check and no switch: 4-bit only when ``load_in_4bit`` is set.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from trl import ModelConfig
 
 GIB = 1024**3
 BYTES_PER_PARAMETER = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "4bit": 0.55, "8bit": 1.1}
@@ -147,3 +150,23 @@ def decide(
         f"({verdict})",
         fits,
     )
+
+
+def plan(
+    model_args: ModelConfig,
+    footprint: Callable[[ModelConfig, bool], TrainingFootprint | None],
+    device: str,
+    device_memory_gib: float | None,
+    policy: str = "auto",
+    can_switch: bool = True,
+) -> tuple[MemoryDecision, ModelConfig]:
+    """The VRAM decision and the student arguments it implies: ``model_args`` itself when the run is kept as
+    configured, else a new copy switched to 4-bit + LoRA (``model_args`` is never changed).
+
+    ``footprint(model_args, switched)`` estimates a run with those arguments (``None``: size unknown);
+    ``can_switch`` is False when no switch is possible (already 4-bit + LoRA, or an EMA self-teacher).
+    """
+    switched = dataclasses.replace(model_args, load_in_4bit=True, load_in_8bit=False, use_peft=True)
+    decision = decide(footprint(model_args, False), footprint(switched, True) if can_switch else None, device,
+                      device_memory_gib, policy)
+    return decision, switched if decision.switch_to_4bit_lora else model_args

@@ -11,7 +11,7 @@ from typing import Any
 from transformers import AutoTokenizer
 from trl import ModelConfig
 
-from recipes import memory, models
+from harness.recipes import memory, models
 
 
 def precision_of(dtype: str | None, load_in_4bit: bool, load_in_8bit: bool) -> memory.Precision:

@@ -1,13 +1,14 @@
 """Rejection-sampling SFT data (seed sections 2.7 / 2.7b) as a recipe: ``trl-opsd rs-sft`` plus a plan and a manifest.
 
-It takes exactly the arguments of ``trl-opsd rs-sft`` (``harness/rs_sft.py``: sample K completions per
-prompt from the student or a text teacher, keep what the verifier and/or the PRM judge accept, write
-``sft.jsonl`` and a report), adds ``--dry_run``, and writes ``run_manifest.json`` into ``--out`` with the
-fingerprints of the prompts and of the SFT data it produced. Train on that data with ``recipes/sft.py``:
+It takes exactly the arguments of ``trl-opsd rs-sft`` (``harness/world/rs_sft.py`` over ``harness/rs_sft.py``:
+sample K completions per prompt from the student or a text teacher, keep what the verifier and/or the PRM
+judge accept, write ``sft.jsonl`` and a report), adds ``--dry_run``, and writes ``run_manifest.json`` into
+``--out`` with the fingerprints of the prompts and of the SFT data it produced. Train on that data with
+``trl-opsd sft``:
 
-    python recipes/rs_sft.py --out runs/rs_sft --num-prompts 200 --samples 8 --filter both --dry_run
-    python recipes/rs_sft.py --out runs/rs_sft --num-prompts 200 --samples 8 --filter both
-    python recipes/sft.py --config recipes/configs/sft_arith_cpu.yaml --dataset_name runs/rs_sft/sft.jsonl
+    python -m harness.recipes.rs_sft --out runs/rs_sft --num-prompts 200 --samples 8 --filter both --dry_run
+    python -m harness.recipes.rs_sft --out runs/rs_sft --num-prompts 200 --samples 8 --filter both
+    trl-opsd sft --config sft_arith_cpu --dataset_name runs/rs_sft/sft.jsonl
 """
 
 import argparse
@@ -15,17 +16,16 @@ import hashlib
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from harness.world import rs_sft  # noqa: E402
-from recipes import common, models  # noqa: E402
-from recipes.common import RecipeError  # noqa: E402
+from harness.recipes import common, models
+from harness.recipes.common import RecipeError
+from harness.rs_sft import load_prompts
+from harness.world import rs_sft
 
 SFT_DATA = "sft.jsonl"
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="recipes/rs_sft.py", description="rejection-sampling SFT data: sample K per "
+    parser = argparse.ArgumentParser(prog="python -m harness.recipes.rs_sft", description="rejection-sampling SFT data: sample K per "
                                      "prompt, verify and/or PRM-filter, write an SFT dataset, a report and a manifest")
     rs_sft.add_arguments(parser)
     parser.add_argument("--dry_run", action="store_true", help="print the plan and write it as a manifest; sample "
@@ -55,7 +55,7 @@ def plan_for(args: argparse.Namespace) -> dict[str, object]:
         path = Path(args.prompts)
         if not path.is_file():
             raise RecipeError(f"--prompts {args.prompts!r} does not exist")
-        prompts = {"source": str(path.resolve()), "num_prompts": len(rs_sft.load_prompts(path)),
+        prompts = {"source": str(path.resolve()), "num_prompts": len(load_prompts(path)),
                    "fingerprint_sha256": file_sha256(path)}
     else:
         prompts = {"source": "arithmetic", "split": args.prompt_split, "seed": args.prompt_seed,
