@@ -219,6 +219,31 @@ def test_dry_run_from_the_command_line_and_a_refusal_exit_code(tmp_path):
     assert refused.returncode == 2 and "\nerror: FSDP with a teacher" in "\n" + refused.stderr
 
 
+
+def test_the_installed_package_runs_a_recipe_by_config_name_from_any_folder(tmp_path):
+    """`pip install .` (not editable) ships the recipes and their configs: `accelerate launch -m` dry run outside
+    the checkout, the config named rather than given as a path."""
+    wheels, site, run = tmp_path / "wheels", tmp_path / "site", tmp_path / "run"
+    run.mkdir()
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(REPO)], check=True,
+                   capture_output=True, timeout=600)
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), *map(str, wheels.glob("*.whl"))],
+                   check=True, capture_output=True, timeout=600)
+    env = {"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9", "TRL_EXPERIMENTAL_SILENCE": "1",
+           "PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "PYTHONPATH": str(site)}
+    where = subprocess.run([sys.executable, "-c", "import harness.recipes; print(harness.recipes.__file__)"],
+                           capture_output=True, text=True, env=env, cwd=run, check=True)
+    assert where.stdout.startswith(str(site))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "-m", "harness.recipes.opsd",
+               "--config", "opsd_arith_cpu", "--dry_run", "--output_dir", str(run / "out")]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=run, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "trl-opsd recipe plan: opsd (dry run" in done.stdout
+    manifest = json.loads((run / "out" / common.DRY_RUN_MANIFEST_NAME).read_text())
+    assert manifest["plan"]["student"]["name"] == "arithmetic:warm" and manifest["status"] == "dry_run"
+
+
 # -- data sources and model names ----------------------------------------------------------------------
 def test_local_data_sources_and_foreign_formats(tmp_path):
     rows = [{"messages": [{"role": "user", "content": "1+1?"}], "answer": "2"}]
