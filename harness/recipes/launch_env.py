@@ -24,8 +24,6 @@ from pathlib import Path
 
 import torch
 
-DISTRIBUTED_KINDS = ("none", "ddp", "deepspeed", "fsdp")
-
 
 class LaunchError(RuntimeError):
     """The launch setup cannot run this recipe correctly."""
@@ -36,7 +34,7 @@ class LaunchSetup:
     """How the recipe is (or would be) launched, read from accelerate's environment or a config file."""
 
     source: str
-    distributed: str  # one of DISTRIBUTED_KINDS
+    distributed: str  # "none" | "ddp" | "deepspeed" | "fsdp"
     num_processes: int
     mixed_precision: str = "no"
     zero_stage: int | None = None

@@ -38,10 +38,9 @@ logger = logging.getLogger(__name__)
 class DemoSettings:
     """How much work each stage does; ``quick`` is a one-minute smoke version of the same pipeline."""
 
-    # At 100 steps the default OPSD arm's gain was not significant (23.4% -> 26.8%, p = 0.11 on 500 problems).
-    steps_per_arm: int = 150
+    steps_per_arm: int = 150  # fewer left the default arm's gain insignificant (README, Status)
     batch_size: int = 64
-    teacher_sft_steps: int = 100  # already a much stronger teacher (51.8% vs 23.4%)
+    teacher_sft_steps: int = 100  # already a much stronger teacher than the start (README, Status)
     eval_limit: int = 500
     seed: int = 0
 

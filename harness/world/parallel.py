@@ -1,9 +1,8 @@
 """Run independent CPU jobs side by side, each with its share of the cores.
 
-Two training processes that each use every core run ~10x slower than one (their OpenMP threads fight
-for the same cores), so every worker process gets ``cores // workers`` threads. Tiny models barely
-speed up with more threads, so on a laptop two one-thread workers nearly double the throughput of one
-two-thread run.
+Two training processes that each use every core run far slower than one (their OpenMP threads fight
+for the same cores; BENCHMARKS.md), so every worker process gets ``cores // workers`` threads. Tiny
+models barely speed up with more threads, so several one-thread workers beat one many-thread run.
 """
 
 from __future__ import annotations
