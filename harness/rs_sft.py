@@ -40,8 +40,9 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from harness.io_utils import atomic_write_text, read_jsonl_objects
-from harness.prm import PRMJudge, add_judge_arguments, add_text_teacher_arguments, aggregate, split_steps
+from harness.io import atomic_write_text, read_jsonl_objects, write_jsonl
+from harness.prm import PRMJudge, StubJudge, add_judge_arguments, aggregate, judges_from_args, split_steps
+from harness.remote_teachers import add_text_teacher_arguments
 from harness.stats import bootstrap_mean, pass_at_k, pass_at_k_mean, wilson_interval
 from harness.verifiers import is_correct
 from trl_opsd.teachers import Teacher
@@ -97,13 +98,6 @@ def load_prompts(path: str | os.PathLike) -> list[PromptRow]:
         except (ValueError, TypeError, AttributeError, KeyError) as error:
             raise ValueError(f"{path}:{line_number}: {error}") from None
     return prompts
-
-
-def world_prompts(n: int, split: str = "train", seed: int = 1) -> list[PromptRow]:
-    """``n`` arithmetic-world problems as prompts (with gold answers)."""
-    from harness.arithmetic import generate_problems
-
-    return [prompt_from_row(p.to_row(), i) for i, p in enumerate(generate_problems(n, split, seed=seed))]
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,7 +294,7 @@ def run_rs_sft(
     bar.close()
     records = [log.records[p.id] for p in prompts]
     rows = sft_rows(records, settings)
-    _write_jsonl(out / "sft.jsonl", rows)
+    write_jsonl(out / "sft.jsonl", rows)
     report = build_report(records, settings, samples=samples, n_resamples=n_resamples)
     report.update(sampler=sampler.describe(), judge=judge.describe() if judge else None, sft_rows=len(rows))
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
@@ -354,14 +348,6 @@ def sft_rows(records: Sequence[dict], settings: FilterSettings) -> list[dict]:
             rows.append({"id": record["id"], "messages": [*record["messages"], {"role": "assistant", "content": text}],
                          "answer": record["answer"]})
     return rows
-
-
-def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)  # readers never see a half-written dataset
 
 
 # --------------------------------------------------------------------------------------------
@@ -506,15 +492,14 @@ def _merge_runs(table: list[dict]) -> list[tuple[dict, dict]]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command's flags; where prompts and the student come from is added by the caller
+    (``harness.world.rs_sft`` for ``trl-opsd rs-sft``)."""
     parser.add_argument("--out", required=True, help="output directory (resumable: rerun the same command)")
-    src = parser.add_argument_group("prompts (default: the arithmetic world's train split)")
+    src = parser.add_argument_group("prompts")
     src.add_argument("--prompts", default=None, help="JSONL in the dataset contract (messages|prompt, id, answer)")
-    src.add_argument("--num-prompts", type=int, default=200)
-    src.add_argument("--prompt-split", default="train")
-    src.add_argument("--prompt-seed", type=int, default=1)
     smp = parser.add_argument_group("sampling")
     smp.add_argument("--sampler", choices=("student", "teacher"), default="student")
-    smp.add_argument("--model", default="world", help="student checkpoint; 'world' = the warm-started world model")
+    smp.add_argument("--model", default=None, help="student checkpoint (with --sampler student; default: %(default)s)")
     smp.add_argument("--teacher-model", default=None, help="text teacher model (with --sampler teacher)")
     add_text_teacher_arguments(smp, "teacher", "text teacher")
     smp.add_argument("--samples", "-k", type=int, default=8, help="completions per prompt (K)")
@@ -532,23 +517,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_judge_arguments(parser)
 
 
-def _sampler_from_args(args: argparse.Namespace):
-    if args.sampler == "teacher":
-        from harness.prm import text_teacher_from_args
+def teacher_sampler_from_args(args: argparse.Namespace) -> TeacherSampler:
+    """``--sampler teacher``: a text teacher over its API, from the ``--teacher-*`` flags."""
+    from harness.remote_teachers import remote_teacher_from_args
 
-        if not args.teacher_model:
-            raise SystemExit("--sampler teacher needs --teacher-model")
-        teacher = text_teacher_from_args(args, "teacher", args.teacher_model)
-        return TeacherSampler(teacher, temperature=args.temperature, max_tokens=args.max_new_tokens)
-    from harness.arms import load
+    if not args.teacher_model:
+        raise SystemExit("--sampler teacher needs --teacher-model")
+    teacher = remote_teacher_from_args(args, "teacher", args.teacher_model)
+    return TeacherSampler(teacher, temperature=args.temperature, max_tokens=args.max_new_tokens)
 
-    path = args.model
-    if path == "world":
-        from harness.warm_start import warm_start
 
-        path = warm_start().path
-    model, tokenizer = load(path)
-    return StudentSampler(model, tokenizer, name=str(path), temperature=args.temperature,
+def student_sampler(model, tokenizer, name: str, args: argparse.Namespace) -> StudentSampler:
+    """``--sampler student``: the loaded ``model`` with the sampling flags."""
+    return StudentSampler(model, tokenizer, name=name, temperature=args.temperature,
                           max_new_tokens=args.max_new_tokens, seed=args.seed)
 
 
@@ -576,16 +557,12 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise ValueError(f"--{prefix}-api-key-file {key_file}: no such file")
 
 
-def run(args: argparse.Namespace) -> int:
-    from harness.prm import judges_from_args
-
-    check_arguments(args)
-    prompts = load_prompts(args.prompts) if args.prompts else world_prompts(args.num_prompts, args.prompt_split,
-                                                                          args.prompt_seed)
+def run(args: argparse.Namespace, prompts: Sequence[PromptRow], sampler: StudentSampler | TeacherSampler,
+        stub_judge: StubJudge | None = None) -> int:
+    """The command on given prompts and sampler; ``stub_judge`` serves ``--judge stub``."""
     settings = FilterSettings(filter=args.filter, aggregation=args.aggregation, tau=args.tau,
                               max_per_prompt=args.max_per_prompt)
-    sampler = _sampler_from_args(args)
-    with judges_from_args(args, Path(args.out) / "judge_cache.sqlite") as judges:
+    with judges_from_args(args, Path(args.out) / "judge_cache.sqlite", stub_judge) as judges:
         judge = next(iter(judges.values()), None)
         report = run_rs_sft(prompts, sampler, args.out, samples=args.samples, judge=judge, settings=settings,
                             chunk_prompts=args.chunk_prompts)
@@ -593,4 +570,3 @@ def run(args: argparse.Namespace) -> int:
             print(f"judge calls this run: {judge.metrics()}")
     print(render_markdown(report))
     return 0
-

@@ -7,8 +7,8 @@ import torch
 from datasets import Dataset
 from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-from harness.arithmetic import generate_problems, hinted_messages, problems_to_rows
-from harness.tiny_models import build_tiny_model
+from harness.world.arithmetic import generate_problems, hinted_messages, problems_to_rows
+from harness.world.tiny import build_tiny_model
 from trl_opsd import OPSDConfig, OPSDTrainer
 from trl_opsd.collator import OPSDCollator
 from trl_opsd.forward import completion_logits
@@ -249,7 +249,7 @@ def test_nonfinite_loss_names_the_step_and_the_statistic(tiny_tokenizer, tmp_pat
 
 
 def test_tokenizer_mismatch_is_detected_on_ids(tiny_tokenizer, tmp_path):
-    from harness.tiny_models import build_tokenizer
+    from harness.world.tiny import build_tokenizer
 
     other = build_tokenizer(vocab_size=400)
     with pytest.raises(ValueError, match="tokenizer is not the student's"):

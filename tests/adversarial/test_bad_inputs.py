@@ -19,10 +19,10 @@ from datasets import Dataset
 from transformers import PreTrainedModel
 
 from harness import compare, rs_sft
-from recipes import common, data_sources
-from recipes import opd as opd_recipe
-from recipes import opsd as opsd_recipe
-from recipes import rs_sft as rs_sft_recipe
+from harness.recipes import common, data_sources
+from harness.recipes import opd as opd_recipe
+from harness.recipes import opsd as opsd_recipe
+from harness.recipes import rs_sft as rs_sft_recipe
 from trl_opsd import OPSDConfig, OPSDTrainer
 from trl_opsd.collator import OPSDCollator, RowError
 from trl_opsd.unified import UnifiedConfig, UnifiedTrainer
@@ -420,8 +420,8 @@ def test_compare_writes_strict_json():
 # ---------------------------------------------------------------------------------------------------------------
 # 4. recipe command lines and dry runs: refused before the plan or a manifest is written, with no weights loaded
 # ---------------------------------------------------------------------------------------------------------------
-ARITH = REPO / "recipes" / "configs" / "opsd_arith_cpu.yaml"
-OPD_ARITH = REPO / "recipes" / "configs" / "opd_arith_cpu.yaml"
+ARITH = REPO / "harness" / "recipes" / "configs" / "opsd_arith_cpu.yaml"
+OPD_ARITH = REPO / "harness" / "recipes" / "configs" / "opd_arith_cpu.yaml"
 API_TEACHER = ["--teacher_model_name_or_path", "", "--teacher_api_base", "http://127.0.0.1:9/v1",
                "--teacher_api_model", "served", "--divergence", "topk", "--teacher_top_k", "5"]
 
@@ -472,7 +472,7 @@ def test_recipe_dry_runs_refuse_bad_inputs_before_writing(tmp_path, no_loading, 
 
 
 def test_the_teacher_cache_folder_is_a_folder(tmp_path):
-    from recipes.distill import teacher_cache_file
+    from harness.recipes.distill import teacher_cache_file
 
     assert teacher_cache_file(str(tmp_path / "cache")) == str(tmp_path / "cache" / "teacher_cache.sqlite")
     assert teacher_cache_file(str(tmp_path / "responses.sqlite")) == str(tmp_path / "responses.sqlite")
