@@ -21,7 +21,9 @@ from harness.recipes.common import RecipeArguments, RecipeError
 from harness.remote_teachers import remote_teacher
 from trl_opsd import OPSDConfig
 from trl_opsd.collator import OPSDCollator, validate_dataset
+from trl_opsd.objective import Divergence
 from trl_opsd.rewards import math_answer_reward
+from trl_opsd.teacher_setup import check_fsdp_version, check_self_teacher
 from trl_opsd.unified import UnifiedConfig
 
 API_SERVERS = ("vllm", "openai")
@@ -175,47 +177,42 @@ def external_teacher(training_args: OPSDConfig, teacher_args: TeacherArguments) 
     return TeacherChoice("external", "external", f"in-process model {spec.name}", spec)
 
 
-# =====================================================================================================
-# TRAINER REFUSALS, RE-WRITTEN HERE so that a dry run refuses what the trainer would refuse (or has never run).
-# To be rewired to trl_opsd.teacher_setup's checks; keep every refusal of the recipes in this one function.
-# =====================================================================================================
+# -- refusals (before anything loads) ------------------------------------------------------------------
 def trainer_refusals(setup: launch_env.LaunchSetup, teacher: TeacherChoice, training_args: OPSDConfig,
                      use_peft: bool) -> None:
-    """Refuse the setups under which OPSDTrainer would refuse, place or shard the teacher wrongly, or which
-    have never been run.
+    """Refuse, at plan time, what OPSDTrainer would refuse at construction (through ``trl_opsd.teacher_setup`` and
+    ``trl_opsd.objective``'s own checks), plus the placements no GPU run has exercised yet.
 
-    Under FSDP2 the trainer shards a teacher with its own weights through TRL's ``prepare_fsdp`` (and refuses
-    FSDP1, EMA teachers and meta-device teachers itself), but no GPU run has exercised that path yet, so the
-    recipes still route such teachers to PEFT or DeepSpeed.
+    Under FSDP2 the trainer shards a teacher with its own weights through TRL's ``prepare_fsdp``, but no GPU run has
+    exercised that path yet, so the recipes still route such teachers to PEFT or DeepSpeed.
     """
-    if teacher.kind == "self" and training_args.self_teacher == "ema" and use_peft:
-        raise RecipeError("self_teacher='ema' needs its own weights and cannot be combined with use_peft (or a "
-                          "memory-tight switch to 4-bit + LoRA): use self_teacher 'frozen' or 'live'")
-    if setup.distributed == "fsdp":
-        if setup.fsdp_version != 2:
-            raise RecipeError(
-                "FSDP1 cannot run on-policy distillation here: the trainer samples rollouts from (and runs the "
-                "self-teacher on) accelerator.unwrap_model(model), outside the root FSDP unit, whose parameters "
-                "(embeddings, lm_head) stay sharded there. Use fsdp_version: 2 (accelerate_configs/fsdp.yaml) or "
-                "DeepSpeed (accelerate_configs/deepspeed_zero2.yaml / deepspeed_zero3.yaml)"
+    fsdp = setup.distributed == "fsdp"
+    try:
+        if fsdp:
+            check_fsdp_version(setup.fsdp_version)
+        if teacher.kind == "self":
+            check_self_teacher(training_args.self_teacher, peft=use_peft, fsdp=fsdp)
+        if teacher.kind == "api" and not Divergence.from_config(training_args).teacher_requirement().remote_ok:
+            raise ValueError(
+                f"divergence={training_args.divergence!r} needs the teacher's dense logits, which a server does not "
+                "return: set divergence to 'topk' (top-k log-probs + tail bucket) or 'sampled' (sampled-token "
+                "reverse KL)"
             )
-        if teacher.footprint in ("copy", "external"):
-            raise RecipeError(
-                f"FSDP with a teacher that has its own weights ({teacher.description}) has not been run on GPUs yet "
-                "(the trainer shards it with TRL's prepare_fsdp, which needs fsdp_cpu_ram_efficient_loading: false). "
-                "Set use_peft: true (the self-teacher is then the adapter-disabled student: no extra weights), or "
-                "launch with DeepSpeed (accelerate_configs/deepspeed_zero2.yaml or deepspeed_zero3.yaml)"
-            )
+    except ValueError as error:
+        raise RecipeError(str(error)) from None
+    if fsdp and teacher.footprint in ("copy", "external"):
+        raise RecipeError(
+            f"FSDP with a teacher that has its own weights ({teacher.description}) has not been run on GPUs yet "
+            "(the trainer shards it with TRL's prepare_fsdp, which needs fsdp_cpu_ram_efficient_loading: false). "
+            "Set use_peft: true (the self-teacher is then the adapter-disabled student: no extra weights), or "
+            "launch with DeepSpeed (accelerate_configs/deepspeed_zero2.yaml or deepspeed_zero3.yaml)"
+        )
     if setup.distributed == "deepspeed" and setup.zero_stage == 3 and setup.zero3_init and teacher.footprint == "copy":
         raise RecipeError(
             "ZeRO-3 with zero3_init_flag: true loads the student already partitioned, and the trainer's frozen copy "
             "(copy.deepcopy) would clone empty shards. Set zero3_init_flag: false (accelerate_configs/"
             "deepspeed_zero3.yaml does) or use_peft: true"
         )
-    if teacher.kind == "api" and training_args.divergence == "full":
-        raise RecipeError("divergence='full' needs the teacher's dense logits, which a server does not return: set "
-                          "divergence to 'topk' (top-k log-probs + tail bucket) or 'sampled' (sampled-token reverse "
-                          "KL)")
 
 
 # -- plan ---------------------------------------------------------------------------------------------
@@ -235,33 +232,11 @@ def describe_unified(args: UnifiedConfig, reward: RewardArguments) -> dict[str, 
     }
 
 
-# =====================================================================================================
-# THE args.divergence BRANCHES of the recipes, all here. To be rewired to trl_opsd.objective.Divergence
-# (its description of the divergence, made once from the config).
-# =====================================================================================================
-def describe_divergence(args: OPSDConfig) -> str:
-    """The divergence the run minimises, in words, for the plan."""
-    if args.divergence == "sampled":
-        return ("sampled-token reverse KL: advantage log p_T(y) - log p_S(y) on the sampled token "
-                f"(importance ratio capped at {args.sampled_ratio_cap}); logged value is the KL estimate")
-    name = {0.0: "forward KL  KL(p_T || p_S)", 1.0: "reverse KL  KL(p_S || p_T)"}.get(
-        float(args.beta), f"generalized JSD(beta={args.beta})")
-    scope = "the vocabulary"
-    if args.divergence == "topk":
-        scope = f"the teacher's top-{args.teacher_top_k} + a tail bucket"
-    return f"{name}, summed over {scope}  [beta={args.beta}]"
-
-
 def describe_loss(args: OPSDConfig, reward: RewardArguments | None = None) -> dict[str, Any]:
-    clip = "none"
-    if args.kl_clip is not None:
-        clip = f"{args.kl_clip_mode} at {args.kl_clip} per token, after the vocabulary sum"
     unified = describe_unified(args, reward) if isinstance(args, UnifiedConfig) else {}
     return {
         **unified,
-        "divergence": describe_divergence(args),
-        "clip": clip,
-        "loss_temperature": args.loss_temperature,
+        **Divergence.from_config(args).describe(),
         "reduction": "sum over generated tokens / generated tokens in the accumulation window",
         "on_policy_fraction_lmbda": args.lmbda,
         "seq_kd": args.seq_kd,
