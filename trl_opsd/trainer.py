@@ -46,7 +46,7 @@ from trl_opsd.chunked import (
     chunked_teacher_scores,
     chunked_token_log_probs,
 )
-from trl_opsd.collator import OPSDCollator
+from trl_opsd.collator import OPSDCollator, views_from_gkd_batch
 from trl_opsd.config import OPSDConfig
 from trl_opsd.losses import (
     clip_per_token,
@@ -73,13 +73,24 @@ logger = logging.getLogger(__name__)
 
 
 def as_opsd_config(args: GKDConfig | None, model_name: str = "opsd") -> OPSDConfig:
-    """``args`` as an ``OPSDConfig``: a plain ``GKDConfig`` keeps all its values and gets our defaults."""
+    """``args`` as an ``OPSDConfig``, the same object: a plain ``GKDConfig`` is adopted in place.
+
+    GKD's trainer reads the user's own config (``trainer.args is args``: later edits count), so a ``GKDConfig``
+    keeps its identity and all its values, becomes an ``OPSDConfig``, and gets OPSD's own knobs at their defaults.
+    """
     if args is None:
         return OPSDConfig(output_dir=f"{model_name.split('/')[-1]}-OPSD")
     if isinstance(args, OPSDConfig):
         return args
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
-    return OPSDConfig(**values)
+    for field in dataclasses.fields(OPSDConfig):
+        if not hasattr(args, field.name):
+            default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+            setattr(args, field.name, default)
+    args.__class__ = OPSDConfig
+    if args.max_teacher_prompt_length is None:
+        args.max_teacher_prompt_length = args.max_prompt_length
+    args.check_opsd_fields()
+    return args
 
 
 class HeadInputs(NamedTuple):
@@ -207,7 +218,7 @@ class OPSDTrainer(GKDTrainer):
                 tokenizer=processing_class,
                 max_prompt_length=args.max_prompt_length,
                 max_teacher_prompt_length=args.max_teacher_prompt_length,
-                max_completion_length=args.max_new_tokens,
+                max_length=args.max_length or min(processing_class.model_max_length, 1024),
                 privileged_from=args.privileged_from,
                 answer_context_template=args.answer_context_template,
                 teacher_prompt_template=args.teacher_prompt_template,
@@ -467,7 +478,7 @@ class OPSDTrainer(GKDTrainer):
         """
         device = self.accelerator.device
         batches = [{key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
-                   for batch in batches]
+                   for batch in map(self._opsd_batch, batches)]
         if source == "student" and self.vllm_generation is not None:
             self._vllm_completions(batches)
         else:
@@ -476,6 +487,19 @@ class OPSDTrainer(GKDTrainer):
         for batch in batches:
             batch["completion_source"] = source
         return batches
+
+    def _opsd_batch(self, batch: dict) -> dict:
+        """``batch`` in OPSD's layout: our collator's as it is; GKD's ``DataCollatorForChatML`` output (``input_ids``,
+        ``labels``, ``prompts``) as dataset completions under the student's prompt, as GKD trains them."""
+        if "teacher_prompts" in batch:
+            return batch
+        if {"input_ids", "labels", "prompts", "prompt_attention_mask"} <= set(batch):
+            return views_from_gkd_batch(batch, self.processing_class.pad_token_id)
+        raise ValueError(
+            f"the data collator's batch has keys {sorted(batch)}: neither OPSDCollator's (prompts, teacher_prompts, "
+            "completions, ...) nor GKD's DataCollatorForChatML's (input_ids, attention_mask, labels, prompts, "
+            "prompt_attention_mask). Pass data_collator=None (OPSDCollator) or GKD's DataCollatorForChatML"
+        )
 
     def _generate_completions(self, batch: dict, source: str) -> None:
         """Sample ``batch``'s completions with ``transformers`` (student or teacher), or check the dataset's."""
@@ -513,14 +537,15 @@ class OPSDTrainer(GKDTrainer):
         return batches, num_generated
 
     # -- loss -----------------------------------------------------------------------------------
-    def completion_views(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def completion_views(self, model, inputs, student_logits=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(student logits, teacher logits) at each completion position, both [B, T, V].
 
-        Student: ``prompts + completions`` with gradient. Teacher: ``teacher_prompts + completions``
-        without. The same completion tokens, each under its own prompt.
+        Student: ``prompts + completions`` with gradient (unless ``student_logits`` are given). Teacher:
+        ``teacher_prompts + completions`` without. The same completion tokens, each under its own prompt.
         """
         num_completion = inputs["completions"].shape[1]
-        student_logits = completion_logits(model, *self._sequences(inputs, "student"), num_completion)
+        if student_logits is None:
+            student_logits = completion_logits(model, *self._sequences(inputs, "student"), num_completion)
         if not isinstance(self.teacher, LocalTeacher):
             return student_logits, None
         student_module = self.accelerator.unwrap_model(model)
@@ -645,19 +670,47 @@ class OPSDTrainer(GKDTrainer):
         )
         return scores, scores.entropy
 
+    def _loss_inputs(self, inputs: dict) -> dict:
+        """The micro-batch with completions: attached already in training; in evaluation the dataset's if present,
+        else the student's samples."""
+        if "completion_source" in inputs:
+            return inputs
+        inputs = self._opsd_batch(inputs)
+        return self._attach_completions(inputs, "dataset" if "completions" in inputs else "student")
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if "completion_source" not in inputs:  # evaluation: dataset completions if present, else student samples
-            inputs = self._attach_completions(inputs, "dataset" if "completions" in inputs else "student")
+        """The loss; with ``return_outputs``, as GKD: ``(loss, the student's model output)``, whose logits cover the
+        whole ``[prompt | completion]`` sequence of ``inputs["input_ids"]``."""
+        inputs = self._loss_inputs(inputs)
         mask = inputs["completion_mask"].bool()
-        views = None if return_outputs else self.chunked_completion_views(model, inputs)  # return_outputs: logits
+        if return_outputs:
+            return self._loss_and_student_outputs(model, inputs, mask, num_items_in_batch)
+        views = self.chunked_completion_views(model, inputs)
         if views is not None:
             return self._chunked_loss(views, inputs, mask, num_items_in_batch)
-        student_logits, teacher_logits = self.completion_views(model, inputs)
+        return self._dense_loss(*self.completion_views(model, inputs), inputs, mask, num_items_in_batch)
+
+    def _dense_loss(self, student_logits, teacher_logits, inputs, mask, num_items_in_batch):
         per_token_loss, divergence = self.distillation_terms(student_logits, teacher_logits, inputs)
         loss = self.token_sum_to_loss(per_token_loss, mask, num_items_in_batch)
         loss = self._check_finite(loss, student_logits, teacher_logits, divergence)
         self._record_metrics(inputs, divergence, mask, student_logits, teacher_logits)
-        return (loss, {"logits": student_logits}) if return_outputs else loss
+        return loss
+
+    def student_sequence_outputs(self, model, inputs):
+        """The student's model output over its whole ``[prompt | completion]`` sequence (what GKD's forward returns)."""
+        ids, attention_mask = self._sequences(inputs, "student")
+        return model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+                     use_cache=False)
+
+    def _loss_and_student_outputs(self, model, inputs, mask, num_items_in_batch):
+        """(dense loss, student outputs) from one student forward: its completion positions feed the loss."""
+        outputs = self.student_sequence_outputs(model, inputs)
+        num_completion = inputs["completions"].shape[1]
+        student_logits, teacher_logits = self.completion_views(
+            model, inputs, student_logits=outputs.logits[:, -num_completion - 1 : -1]
+        )
+        return self._dense_loss(student_logits, teacher_logits, inputs, mask, num_items_in_batch), outputs
 
     def _chunked_loss(self, views, inputs, mask, num_items_in_batch):
         terms = self.chunked_distillation_terms(*views, inputs, mask)
@@ -705,6 +758,7 @@ class OPSDTrainer(GKDTrainer):
                 metrics["teacher_entropy"].append(teacher_entropy.mean().item())
         metrics["completion_length"].append(mask.sum(1).float().mean().item())
         metrics["on_policy_fraction"].append(float(inputs.get("completion_source") == "student"))
+        metrics["truncated_prompts"].append(float(inputs["num_truncated_prompts"].sum()))
         metrics["truncated_teacher_prompts"].append(float(inputs["num_truncated_teacher_prompts"].sum()))
         for name, value in self.teacher.metrics().items() if self.teacher is not None else ():
             metrics[f"teacher_{name}"].append(float(value))
@@ -713,10 +767,21 @@ class OPSDTrainer(GKDTrainer):
         )
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """Evaluation reports the distillation loss only (there are no labels to predict)."""
+        """(loss, logits, labels) as GKD's evaluation step gives them to ``compute_metrics``: the student's logits
+        over ``[prompt | completion]`` and labels that are the completion's ids there and -100 elsewhere.
+
+        Logits are returned only when something reads them (``compute_metrics`` or ``preprocess_logits_for_metrics``):
+        gathering [batch, sequence, vocab] logits over a whole evaluation set for nothing is what GKD does.
+        """
         with torch.no_grad():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+            inputs = self._loss_inputs(inputs)
+            loss = self.compute_loss(model, inputs).detach()
+            if prediction_loss_only or (self.compute_metrics is None and self.preprocess_logits_for_metrics is None):
+                return loss, None, None
+            logits = self.student_sequence_outputs(model, inputs).logits
+        labels = torch.cat([torch.full_like(inputs["prompts"], -100),
+                            inputs["completions"].masked_fill(inputs["completion_mask"] == 0, -100)], dim=1)
+        return loss, logits, labels
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         # Completions were attached in get_batch_samples; skip GKDTrainer.training_step's own sampling.
