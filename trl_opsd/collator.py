@@ -8,8 +8,9 @@ log-probabilities are aligned by completion position.
 
 Lengths follow GKD's ``DataCollatorForChatML``: ``max_length`` bounds prompt + dataset completion, the
 completion is kept whole and the prompt loses its oldest tokens (counted in ``num_truncated_prompts``).
-Teacher prompts are cut the same way, except that cutting into the privileged context (the tail the
-student's prompt does not share) is refused unless ``privileged_truncation="truncate_left"``.
+Teacher prompts are cut the same way (to ``max_teacher_prompt_length`` when set), except that cutting into
+the privileged context (the tail the student's prompt does not share) is refused unless
+``privileged_truncation="truncate_left"``.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ class OPSDCollator:
     """Builds ``prompts``, ``teacher_prompts`` and (off-policy) ``completions`` tensors from raw rows.
 
     ``max_length`` (GKD's, default 1024 as GKD's collator) bounds prompt + dataset completion;
-    ``max_prompt_length`` / ``max_teacher_prompt_length`` (None: no limit of their own) bound the prompts.
+    ``max_prompt_length`` (None: no limit of its own) adds a bound on student prompts;
+    ``max_teacher_prompt_length`` (None: ``max_length``'s) replaces it for teacher prompts.
     """
 
     tokenizer: PreTrainedTokenizerBase
@@ -168,10 +170,9 @@ class OPSDCollator:
         return teacher_ids[-limit:], True
 
     def _limit_names(self) -> str:
-        names = [f"max_teacher_prompt_length={self.max_teacher_prompt_length}"] if self.max_teacher_prompt_length else []
-        if self.max_length:
-            names.append(f"max_length={self.max_length} minus the completion")
-        return " / ".join(names)
+        if self.max_teacher_prompt_length:
+            return f"max_teacher_prompt_length={self.max_teacher_prompt_length}"
+        return f"max_length={self.max_length} minus the completion"
 
     def row_views(self, row: dict, index: int) -> RowViews:
         """Tokenised views of one row; raises ``RowError`` naming ``index`` and the field at fault."""
@@ -182,7 +183,8 @@ class OPSDCollator:
         completion_ids = self._encode_completion(prompt, completion, prompt_ids, index) if completion else None
         room = self._prompt_room(completion_ids, index)
         student_limit = min((n for n in (self.max_prompt_length, room) if n), default=None)
-        teacher_limit = min((n for n in (self.max_teacher_prompt_length, room) if n), default=None)
+        # An explicit teacher limit wins over max_length: a teacher prompt may hold a whole reference solution.
+        teacher_limit = self.max_teacher_prompt_length or room
         teacher_ids, teacher_truncated = self._cut_teacher_prompt(teacher_ids, prompt_ids, privileged, teacher_limit,
                                                                   index)
         prompt_truncated = bool(student_limit and len(prompt_ids) > student_limit)
@@ -211,22 +213,35 @@ class OPSDCollator:
         )
         if all(v.completion_ids for v in views):
             batch["completions"], batch["completion_mask"] = self._pad([v.completion_ids for v in views], "right")
-            batch.update(self._gkd_view(batch))
+            batch.update(gkd_sequences(batch, self.tokenizer.pad_token_id))
         batch["num_truncated_prompts"] = torch.tensor(sum(v.prompt_truncated for v in views))
         batch["num_truncated_teacher_prompts"] = torch.tensor(sum(v.teacher_prompt_truncated for v in views))
         batch["num_privileged_rows"] = torch.tensor(sum(v.has_privileged_context for v in views))
         return batch
 
-    @staticmethod
-    def _gkd_view(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``input_ids`` / ``attention_mask`` / ``labels`` as GKD's collator names them (-100 outside the completion),
-        over the student's ``[prompt | completion]`` sequence, for code written against GKD's batches."""
-        input_ids = torch.cat([batch["prompts"], batch["completions"]], dim=1)
-        attention_mask = torch.cat([batch["prompt_attention_mask"], batch["completion_mask"]], dim=1)
-        labels = torch.full_like(input_ids, -100)
-        width = batch["prompts"].shape[1]
-        labels[:, width:] = batch["completions"].masked_fill(batch["completion_mask"] == 0, -100)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+def gkd_sequences(batch: dict[str, torch.Tensor], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """The student's ``prompt + completion`` as GKD's collator lays it out: ``input_ids``, ``attention_mask`` and
+    ``labels`` (-100 outside the completion), each row's sequence left-padded as a whole, so every row ends at the
+    last column. For code written against GKD's batches; OPSD's own keys keep completions aligned instead."""
+    rows, labels = [], []
+    for prompt, prompt_mask, completion, completion_mask in zip(
+        batch["prompts"], batch["prompt_attention_mask"], batch["completions"], batch["completion_mask"]
+    ):
+        prompt, completion = prompt[prompt_mask.bool()], completion[completion_mask.bool()]
+        rows.append(torch.cat([prompt, completion]))
+        labels.append(torch.cat([torch.full_like(prompt, -100), completion]))
+    width = max(len(row) for row in rows)
+    sequences = {
+        "input_ids": torch.full((len(rows), width), pad_token_id, dtype=torch.long),
+        "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
+        "labels": torch.full((len(rows), width), -100, dtype=torch.long),
+    }
+    for index, (row, label) in enumerate(zip(rows, labels)):
+        sequences["input_ids"][index, width - len(row) :] = row
+        sequences["attention_mask"][index, width - len(row) :] = 1
+        sequences["labels"][index, width - len(row) :] = label
+    return {key: value.to(batch["prompts"].device) for key, value in sequences.items()}
 
 
 def views_from_gkd_batch(batch: dict[str, torch.Tensor], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -249,7 +264,7 @@ def views_from_gkd_batch(batch: dict[str, torch.Tensor], pad_token_id: int) -> d
         views["completions"][row, : len(completion)] = torch.tensor(completion)
         views["completion_mask"][row, : len(completion)] = 1
     views = {key: value.to(batch["prompts"].device) for key, value in views.items()}
-    views.update(OPSDCollator._gkd_view(views))
+    views.update({key: batch[key] for key in ("input_ids", "attention_mask", "labels")})
     for name in ("num_truncated_prompts", "num_truncated_teacher_prompts", "num_privileged_rows"):
         views[name] = torch.tensor(0)
     return views

@@ -46,7 +46,7 @@ class OPSDConfig(GKDConfig):
         max_prompt_length (`int` or `None`, defaults to `None`): student prompts longer than this lose their oldest
             tokens. `None`: only GKD's `max_length` bounds them (prompt + dataset completion, prompt cut first).
         max_teacher_prompt_length (`int` or `None`, defaults to `None` = `max_prompt_length`): the same for
-            teacher prompts (also bounded by `max_length` minus the dataset completion).
+            teacher prompts; `None` there: bounded like the student's by `max_length` minus the dataset completion.
         privileged_truncation (`str`, defaults to `"error"`): a teacher prompt over its limit loses its oldest tokens
             either way (counted in the `truncated_teacher_prompts` metric); when that would cut into the
             privileged context itself, `"error"` raises and `"truncate_left"` cuts anyway.

@@ -46,7 +46,7 @@ from trl_opsd.chunked import (
     chunked_teacher_scores,
     chunked_token_log_probs,
 )
-from trl_opsd.collator import OPSDCollator, views_from_gkd_batch
+from trl_opsd.collator import OPSDCollator, gkd_sequences, views_from_gkd_batch
 from trl_opsd.config import OPSDConfig
 from trl_opsd.losses import (
     clip_per_token,
@@ -679,8 +679,8 @@ class OPSDTrainer(GKDTrainer):
         return self._attach_completions(inputs, "dataset" if "completions" in inputs else "student")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The loss; with ``return_outputs``, as GKD: ``(loss, the student's model output)``, whose logits cover the
-        whole ``[prompt | completion]`` sequence of ``inputs["input_ids"]``."""
+        """The loss; with ``return_outputs``, as GKD: ``(loss, the student's model output)`` over the batch's
+        ``prompt + completion`` sequences laid out as GKD's ``input_ids``."""
         inputs = self._loss_inputs(inputs)
         mask = inputs["completion_mask"].bool()
         if return_outputs:
@@ -697,19 +697,25 @@ class OPSDTrainer(GKDTrainer):
         self._record_metrics(inputs, divergence, mask, student_logits, teacher_logits)
         return loss
 
-    def student_sequence_outputs(self, model, inputs):
-        """The student's model output over its whole ``[prompt | completion]`` sequence (what GKD's forward returns)."""
-        ids, attention_mask = self._sequences(inputs, "student")
-        return model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
-                     use_cache=False)
+    def student_sequence_outputs(self, model, inputs) -> tuple[object, dict[str, torch.Tensor]]:
+        """(the student's model output, the sequences it ran on): GKD's forward, on GKD's layout of the batch's
+        current completions (``input_ids`` / ``attention_mask`` / ``labels``, see ``collator.gkd_sequences``)."""
+        sequences = gkd_sequences(inputs, self.processing_class.pad_token_id)
+        mask = sequences["attention_mask"]
+        outputs = model(input_ids=sequences["input_ids"], attention_mask=mask,
+                        position_ids=position_ids_from_mask(mask), use_cache=False)
+        return outputs, sequences
 
     def _loss_and_student_outputs(self, model, inputs, mask, num_items_in_batch):
         """(dense loss, student outputs) from one student forward: its completion positions feed the loss."""
-        outputs = self.student_sequence_outputs(model, inputs)
-        num_completion = inputs["completions"].shape[1]
-        student_logits, teacher_logits = self.completion_views(
-            model, inputs, student_logits=outputs.logits[:, -num_completion - 1 : -1]
-        )
+        outputs, _ = self.student_sequence_outputs(model, inputs)
+        # GKD's layout ends every row at the last column: completion token t of a row of length n sits at column
+        # width - n + t and is predicted by the column before it.
+        width, lengths = outputs.logits.shape[1], inputs["completion_mask"].sum(1, keepdim=True)
+        positions = torch.arange(inputs["completions"].shape[1], device=lengths.device)
+        columns = (width - lengths + positions - 1).clamp(max=width - 1)
+        student_logits = outputs.logits.gather(1, columns[..., None].expand(-1, -1, outputs.logits.shape[-1]))
+        student_logits, teacher_logits = self.completion_views(model, inputs, student_logits=student_logits)
         return self._dense_loss(student_logits, teacher_logits, inputs, mask, num_items_in_batch), outputs
 
     def _chunked_loss(self, views, inputs, mask, num_items_in_batch):
@@ -768,7 +774,7 @@ class OPSDTrainer(GKDTrainer):
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """(loss, logits, labels) as GKD's evaluation step gives them to ``compute_metrics``: the student's logits
-        over ``[prompt | completion]`` and labels that are the completion's ids there and -100 elsewhere.
+        over GKD's ``input_ids`` and GKD's ``labels`` (the completion's ids, -100 elsewhere).
 
         Logits are returned only when something reads them (``compute_metrics`` or ``preprocess_logits_for_metrics``):
         gathering [batch, sequence, vocab] logits over a whole evaluation set for nothing is what GKD does.
@@ -778,10 +784,8 @@ class OPSDTrainer(GKDTrainer):
             loss = self.compute_loss(model, inputs).detach()
             if prediction_loss_only or (self.compute_metrics is None and self.preprocess_logits_for_metrics is None):
                 return loss, None, None
-            logits = self.student_sequence_outputs(model, inputs).logits
-        labels = torch.cat([torch.full_like(inputs["prompts"], -100),
-                            inputs["completions"].masked_fill(inputs["completion_mask"] == 0, -100)], dim=1)
-        return loss, logits, labels
+            outputs, sequences = self.student_sequence_outputs(model, inputs)
+        return loss, outputs.logits, sequences["labels"]
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         # Completions were attached in get_batch_samples; skip GKDTrainer.training_step's own sampling.

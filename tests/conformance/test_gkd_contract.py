@@ -174,6 +174,22 @@ def test_every_completion_token_counts_with_variable_length_prompts(trainer_clas
     torch.testing.assert_close(over_labelled, local_mean, rtol=1e-4, atol=1e-6)
 
 
+def test_batches_carry_gkds_sequence_layout(trainer_class, student, teacher, tokenizer, tmp_path):
+    """``input_ids`` / ``attention_mask`` / ``labels`` as GKD's collator lays them out: each row's prompt + completion
+    left-padded as a whole, so every row ends at the last column and shorter prompts start their labels earlier."""
+    rows = [chat("Hi", "Hello there, how are you?"), chat("Please explain general relativity in detail.", "OK")]
+    trainer = trainer_class(model=student, teacher_model=teacher, args=gkd_args(tmp_path),
+                            train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    batch = trainer.data_collator(rows)
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == batch["labels"].shape
+    assert (batch["attention_mask"][:, -1] == 1).all()
+    first_labelled = [int((row != -100).nonzero()[0]) for row in batch["labels"]]
+    assert first_labelled[0] < batch["prompts"].shape[1] and first_labelled[0] != first_labelled[1]
+    for row, ids, labels in zip(rows, batch["input_ids"], batch["labels"]):
+        assert tokenizer.decode(labels[labels != -100]).startswith(row["messages"][-1]["content"] + "<|im_end|>")
+        assert (ids[labels != -100] == labels[labels != -100]).all()
+
+
 # -- lengths ------------------------------------------------------------------------------------------------
 def _labelled_text(tokenizer, batch, row: int) -> str:
     labels = batch["labels"][row]

@@ -43,21 +43,6 @@ def test_completions_end_at_the_end_of_turn_token(trainer_class, student, teache
     assert tokenizer.decode(labels[labels != -100]) == expected
 
 
-def test_completions_start_at_the_same_column_in_every_row(trainer_class, student, teacher, tokenizer, tmp_path):
-    """OPSD lays a batch out as [left-padded prompt | right-padded completion], so student and teacher (whose prompts
-    differ in length) are aligned by completion position; GKD left-pads the whole sequence."""
-    rows = [chat("Hi", "Hello there, how are you?"), chat("Please explain general relativity in detail.", "OK")]
-    trainer = trainer_class(model=student, teacher_model=teacher, args=gkd_args(tmp_path),
-                            train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
-    batch = trainer.data_collator(rows)
-    first_labelled = [int((row != -100).nonzero()[0]) for row in batch["labels"]]
-    width = batch["prompts"].shape[1]
-    if _is_opsd(trainer_class):
-        assert first_labelled == [width, width]
-    else:
-        assert first_labelled[0] != first_labelled[1]
-
-
 def test_rollouts_keep_the_kv_cache_under_gradient_checkpointing(trainer_class, student, teacher, tokenizer,
                                                                  conversations, tmp_path):
     """GKD turns the KV cache off when gradient checkpointing is on; TRL's generation context already disables
@@ -103,7 +88,9 @@ def test_prompts_cut_by_max_length_are_counted_and_logged(tokenizer, student, tm
             chat("Hi", "Hello.")]
     trainer = OPSDTrainer(model=student, args=gkd_args(tmp_path, max_length=64, lmbda=0.0),
                           train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
-    assert trainer.data_collator(rows)["num_truncated_prompts"].item() == 1
+    batch = trainer.data_collator(rows)
+    assert batch["num_truncated_prompts"].item() == 1
+    assert batch["completion_mask"][0].sum() > trainer.args.max_new_tokens  # dataset completions are not cut there
     trainer.train()
     assert trainer.state.log_history[0]["truncated_prompts"] == 1.0
 
