@@ -7,8 +7,8 @@ import torch
 from datasets import Dataset
 from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-from harness.arithmetic import generate_problems, hinted_messages, problems_to_rows
-from harness.tiny_models import build_tiny_model
+from harness.world.arithmetic import generate_problems, hinted_messages, problems_to_rows
+from harness.world.tiny import build_tiny_model
 from trl_opsd import OPSDConfig, OPSDTrainer
 from trl_opsd.collator import OPSDCollator
 from trl_opsd.forward import completion_logits
@@ -213,7 +213,7 @@ def test_loss_is_normalised_by_generated_tokens_over_the_accumulation_window(tin
 def test_on_policy_coin_is_one_decision_per_step_shared_by_all_ranks(tiny_tokenizer, tmp_path):
     args = _config(tmp_path, lmbda=0.3, seq_kd=False)
     trainers = [OPSDTrainer(model=build_tiny_model(tiny_tokenizer), args=args, processing_class=tiny_tokenizer,
-                            train_dataset=Dataset.from_list(_rows(4))) for _ in range(2)]
+                            train_dataset=Dataset.from_list(_rows(4, with_solution=True))) for _ in range(2)]
     decisions = []
     for step in range(400):
         for trainer in trainers:
@@ -225,9 +225,12 @@ def test_on_policy_coin_is_one_decision_per_step_shared_by_all_ranks(tiny_tokeni
 
 
 def test_dataset_steps_without_completions_fail_with_a_clear_message(tiny_tokenizer, tmp_path):
+    with pytest.raises(ValueError, match=r"train_dataset: row 0: has no completion .*trailing assistant turn"):
+        OPSDTrainer(model=build_tiny_model(tiny_tokenizer), args=_config(tmp_path, lmbda=0.0),
+                    processing_class=tiny_tokenizer, train_dataset=Dataset.from_list(_rows(4)))
     trainer = OPSDTrainer(model=build_tiny_model(tiny_tokenizer), args=_config(tmp_path, lmbda=0.0),
-                          processing_class=tiny_tokenizer, train_dataset=Dataset.from_list(_rows(4)))
-    with pytest.raises(ValueError, match="trailing assistant turn"):
+                          processing_class=tiny_tokenizer, train_dataset=Dataset.from_list(_rows(4, True)))
+    with pytest.raises(ValueError, match="trailing assistant turn"):  # a batch from elsewhere: refused at the step
         trainer._attach_completions(trainer.data_collator(_rows(2)), "dataset")
 
 
@@ -246,7 +249,7 @@ def test_nonfinite_loss_names_the_step_and_the_statistic(tiny_tokenizer, tmp_pat
 
 
 def test_tokenizer_mismatch_is_detected_on_ids(tiny_tokenizer, tmp_path):
-    from harness.tiny_models import build_tokenizer
+    from harness.world.tiny import build_tokenizer
 
     other = build_tokenizer(vocab_size=400)
     with pytest.raises(ValueError, match="tokenizer is not the student's"):

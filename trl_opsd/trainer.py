@@ -40,7 +40,7 @@ from trl.import_utils import is_vllm_available
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import disable_dropout_in_model, pad
 
-from trl_opsd.collator import OPSDCollator, gkd_sequences, views_from_gkd_batch
+from trl_opsd.collator import OPSDCollator, gkd_sequences, validate_dataset, views_from_gkd_batch
 from trl_opsd.config import OPSDConfig
 from trl_opsd.forward import (
     HeadInputs,
@@ -138,8 +138,10 @@ class OPSDTrainer(GKDTrainer):
                 teacher_prompt_template=args.teacher_prompt_template,
                 privileged_truncation=args.privileged_truncation,
             )
+        args.check_trainer_inputs(teacher_model, len(processing_class))
         if isinstance(data_collator, OPSDCollator):
-            _validate_rows(data_collator, train_dataset, "train_dataset")
+            validate_dataset(data_collator, train_dataset, "train_dataset", args, teacher_model)
+            validate_dataset(data_collator, eval_dataset, "eval_dataset", args, teacher_model)
 
         # GKDTrainer.__init__ insists on a teacher model and turns the KV cache off under gradient
         # checkpointing, so we run SFTTrainer's constructor (GKD's parent) and set GKD's attributes here.
@@ -510,14 +512,3 @@ def completion_positions(sequence_logits: torch.Tensor, inputs) -> torch.Tensor:
     positions = torch.arange(inputs["completions"].shape[1], device=lengths.device)
     columns = (width - lengths + positions - 1).clamp(max=width - 1)
     return sequence_logits.gather(1, columns[..., None].expand(-1, -1, sequence_logits.shape[-1]))
-
-
-def _validate_rows(collator: OPSDCollator, dataset, name: str) -> None:
-    """Build every row's views once before training, so a bad row fails now with its index and field."""
-    if dataset is None or isinstance(dataset, IterableDataset):
-        return
-    for index in range(len(dataset)):
-        try:
-            collator.row_views(dataset[index], index)
-        except ValueError as error:
-            raise ValueError(f"{name}: {error}") from None

@@ -20,6 +20,7 @@ def _is_opsd(trainer_class) -> bool:
 def test_without_a_teacher_opsd_distils_from_a_frozen_copy_of_the_student(trainer_class, student, tokenizer,
                                                                           conversations, tmp_path):
     """GKD needs a teacher; OPSD's default teacher is the initial policy (it sees privileged context)."""
+    conversations = conversations.add_column("answer", ["fine", "OK", "4", "Blue"])
     if not _is_opsd(trainer_class):
         with pytest.raises((TypeError, AttributeError, ValueError)):
             trainer_class(model=student, args=gkd_args(tmp_path), train_dataset=conversations,
@@ -83,10 +84,10 @@ def test_opsd_config_defaults_are_on_policy_reverse_kl(tmp_path):
 
 
 # -- OPSD's own bookkeeping of lengths (GKD has no privileged context and logs no truncation) ------------------
-def test_prompts_cut_by_max_length_are_counted_and_logged(tokenizer, student, tmp_path):
+def test_prompts_cut_by_max_length_are_counted_and_logged(tokenizer, student, teacher, tmp_path):
     rows = [chat("Question: " + " ".join(f"word{i}" for i in range(80)), "A fairly long answer, kept whole."),
             chat("Hi", "Hello.")]
-    trainer = OPSDTrainer(model=student, args=gkd_args(tmp_path, max_length=64, lmbda=0.0),
+    trainer = OPSDTrainer(model=student, teacher_model=teacher, args=gkd_args(tmp_path, max_length=64, lmbda=0.0),
                           train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
     batch = trainer.data_collator(rows)
     assert batch["num_truncated_prompts"].item() == 1
