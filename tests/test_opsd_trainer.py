@@ -275,8 +275,8 @@ def test_teacher_prompts_are_cut_from_the_left_but_never_silently_into_the_privi
     kept = OPSDCollator(tiny_tokenizer, max_teacher_prompt_length=privileged + 1)([row])
     assert kept["num_truncated_teacher_prompts"].item() == 1
     assert context in tiny_tokenizer.decode(kept["teacher_prompts"][0])
-    with pytest.raises(ValueError, match=r"row 0: the teacher prompt has .* tokens, over its limit of .* would cut the "
-                                         r"privileged context"):
+    with pytest.raises(ValueError, match=r"row 0: the teacher prompt has .* tokens, over "
+                                         r"max_teacher_prompt_length=\d+; .* would cut the privileged context"):
         OPSDCollator(tiny_tokenizer, max_teacher_prompt_length=privileged - 1)([row])
     lenient = OPSDCollator(tiny_tokenizer, max_teacher_prompt_length=privileged - 1, privileged_truncation="truncate_left")
     batch = lenient([row])

@@ -324,18 +324,18 @@ class OPSDCollator:
         privileged_tokens = len(teacher_ids) - shared
         if privileged and privileged_tokens > limit and self.privileged_truncation == "error":
             raise RowError(
-                f"row {index}: the teacher prompt has {len(teacher_ids)} tokens, over its limit of {limit} "
-                f"({self._limit_names()}); keeping its last {limit} tokens would cut the privileged context "
+                f"row {index}: the teacher prompt has {len(teacher_ids)} tokens, over {self._limit_name(limit)}; "
+                f"keeping its last {limit} tokens would cut the privileged context "
                 f"(the last {privileged_tokens} tokens, which the student's prompt does not have). Raise the limit, "
                 "shorten the context, or set privileged_truncation='truncate_left' to cut it anyway (counted in "
                 "the truncated_teacher_prompts metric)"
             )
         return teacher_ids[-limit:], True
 
-    def _limit_names(self) -> str:
+    def _limit_name(self, limit: int) -> str:
         if self.max_teacher_prompt_length:
             return f"max_teacher_prompt_length={self.max_teacher_prompt_length}"
-        return f"max_length={self.max_length} minus the completion"
+        return f"max_length={self.max_length} minus the completion ({limit} tokens)"
 
     def row_views(self, row: dict, index: int) -> RowViews:
         """Tokenised views of one row; raises ``RowError`` naming ``index`` and the field at fault."""
