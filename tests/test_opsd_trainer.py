@@ -266,16 +266,22 @@ def test_bad_rows_fail_before_training_with_row_and_field(tiny_tokenizer, tmp_pa
                     train_dataset=Dataset.from_list(rows))
 
 
-def test_privileged_context_that_would_be_truncated_raises_or_is_counted(tiny_tokenizer):
+def test_teacher_prompts_are_cut_from_the_left_but_never_silently_into_the_privileged_context(tiny_tokenizer):
     row = _rows(1)[0]
-    collator = OPSDCollator(tiny_tokenizer, max_prompt_length=256, max_teacher_prompt_length=40)
-    with pytest.raises(ValueError, match="row 0: the teacher prompt has .* tokens, over max_teacher_prompt_length=40"):
-        collator([row])
-    lenient = OPSDCollator(tiny_tokenizer, max_teacher_prompt_length=40, privileged_truncation="truncate_left")
+    full = OPSDCollator(tiny_tokenizer).row_views(row, 0)
+    shared = next(i for i, (t, s) in enumerate(zip(full.teacher_prompt_ids, full.prompt_ids)) if t != s)
+    privileged = len(full.teacher_prompt_ids) - shared  # the tail the student's prompt does not have
+    context = f"The final answer is {row['answer']}."
+    kept = OPSDCollator(tiny_tokenizer, max_teacher_prompt_length=privileged + 1)([row])
+    assert kept["num_truncated_teacher_prompts"].item() == 1
+    assert context in tiny_tokenizer.decode(kept["teacher_prompts"][0])
+    with pytest.raises(ValueError, match=r"row 0: the teacher prompt has .* tokens, over "
+                                         r"max_teacher_prompt_length=\d+; .* would cut the privileged context"):
+        OPSDCollator(tiny_tokenizer, max_teacher_prompt_length=privileged - 1)([row])
+    lenient = OPSDCollator(tiny_tokenizer, max_teacher_prompt_length=privileged - 1, privileged_truncation="truncate_left")
     batch = lenient([row])
     assert batch["num_truncated_teacher_prompts"].item() == 1
-    kept = tiny_tokenizer.decode(batch["teacher_prompts"][0])
-    assert f"The final answer is {row['answer']}." in kept
+    assert batch["teacher_prompt_attention_mask"].sum().item() == privileged - 1
 
 
 def test_teacher_messages_win_over_privileged_context_and_answer(tiny_tokenizer):

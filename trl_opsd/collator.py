@@ -5,6 +5,12 @@ chat plus privileged context) and, when the row has one, an off-policy completio
 LEFT-padded and completions RIGHT-padded, so completion token ``t`` sits at column ``P + t`` of the
 concatenated sequence for every row, whatever the prompt lengths: that is how teacher and student
 log-probabilities are aligned by completion position.
+
+Lengths follow GKD's ``DataCollatorForChatML``: ``max_length`` bounds prompt + dataset completion, the
+completion is kept whole and the prompt loses its oldest tokens (counted in ``num_truncated_prompts``).
+Teacher prompts are cut the same way (to ``max_teacher_prompt_length`` when set), except that cutting into
+the privileged context (the tail the student's prompt does not share) is refused unless
+``privileged_truncation="truncate_left"``.
 """
 
 from __future__ import annotations
@@ -190,6 +196,7 @@ class RowViews:
     completion_ids: list[int] | None
     has_privileged_context: bool
     teacher_prompt_truncated: bool
+    prompt_truncated: bool
 
 
 def _is_chat(value) -> bool:
@@ -198,12 +205,17 @@ def _is_chat(value) -> bool:
 
 @dataclass
 class OPSDCollator:
-    """Builds ``prompts``, ``teacher_prompts`` and (off-policy) ``completions`` tensors from raw rows."""
+    """Builds ``prompts``, ``teacher_prompts`` and (off-policy) ``completions`` tensors from raw rows.
+
+    ``max_length`` (GKD's, default 1024 as GKD's collator) bounds prompt + dataset completion;
+    ``max_prompt_length`` (None: no limit of its own) adds a bound on student prompts;
+    ``max_teacher_prompt_length`` (None: ``max_length``'s) replaces it for teacher prompts.
+    """
 
     tokenizer: PreTrainedTokenizerBase
-    max_prompt_length: int | None = 512
-    max_teacher_prompt_length: int | None = 512
-    max_completion_length: int | None = None
+    max_prompt_length: int | None = None
+    max_teacher_prompt_length: int | None = None
+    max_length: int | None = 1024
     privileged_from: str | None = "answer"
     answer_context_template: str = DEFAULT_ANSWER_CONTEXT_TEMPLATE
     teacher_prompt_template: str = DEFAULT_TEACHER_PROMPT_TEMPLATE
@@ -278,7 +290,52 @@ class OPSDCollator:
             ids = self.tokenizer(completion, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
         if not ids:
             raise RowError(f"row {index}: the completion is empty after tokenisation")
-        return ids[: self.max_completion_length] if self.max_completion_length else ids
+        return ids
+
+    def _prompt_room(self, completion_ids: list[int] | None, index: int) -> int | None:
+        """Tokens left for a prompt by ``max_length`` (GKD's limit on prompt + dataset completion); None: no limit.
+
+        As GKD's ``DataCollatorForChatML``, the completion is kept whole and the prompt loses its oldest tokens;
+        a completion that leaves no room for any prompt token is refused (GKD refuses it too).
+        """
+        if not self.max_length:
+            return None
+        room = self.max_length - len(completion_ids or ())
+        if room < 1:
+            raise RowError(
+                f"row {index}: the completion has {len(completion_ids)} tokens, which leaves no room for the prompt "
+                f"within max_length={self.max_length} (prompt + completion); raise max_length"
+            )
+        return room
+
+    def _cut_teacher_prompt(self, teacher_ids, student_ids, privileged: bool, limit, index: int):
+        """(teacher prompt ids kept, whether they were cut): left-truncated to ``limit`` like the student's prompt.
+
+        The privileged part is the tail the student's prompt does not share. Cutting into it changes what the
+        teacher knows, so under ``privileged_truncation="error"`` that raises; ``"truncate_left"`` cuts anyway.
+        """
+        if not limit or len(teacher_ids) <= limit:
+            return teacher_ids, False
+        shared = 0
+        for teacher_id, student_id in zip(teacher_ids, student_ids):
+            if teacher_id != student_id:
+                break
+            shared += 1
+        privileged_tokens = len(teacher_ids) - shared
+        if privileged and privileged_tokens > limit and self.privileged_truncation == "error":
+            raise RowError(
+                f"row {index}: the teacher prompt has {len(teacher_ids)} tokens, over {self._limit_name(limit)}; "
+                f"keeping its last {limit} tokens would cut the privileged context "
+                f"(the last {privileged_tokens} tokens, which the student's prompt does not have). Raise the limit, "
+                "shorten the context, or set privileged_truncation='truncate_left' to cut it anyway (counted in "
+                "the truncated_teacher_prompts metric)"
+            )
+        return teacher_ids[-limit:], True
+
+    def _limit_name(self, limit: int) -> str:
+        if self.max_teacher_prompt_length:
+            return f"max_teacher_prompt_length={self.max_teacher_prompt_length}"
+        return f"max_length={self.max_length} minus the completion ({limit} tokens)"
 
     def row_views(self, row: dict, index: int) -> RowViews:
         """Tokenised views of one row; raises ``RowError`` naming ``index`` and the field at fault."""
@@ -287,19 +344,17 @@ class OPSDCollator:
         teacher_prompt, privileged = self._teacher_prompt(row, prompt, index)
         prompt_ids = self._encode_prompt(prompt)
         teacher_ids = self._encode_prompt(teacher_prompt)
-        if self.max_prompt_length and len(prompt_ids) > self.max_prompt_length:
-            prompt_ids = prompt_ids[-self.max_prompt_length :]
-        truncated = bool(self.max_teacher_prompt_length and len(teacher_ids) > self.max_teacher_prompt_length)
-        if truncated:
-            if self.privileged_truncation == "error":
-                raise RowError(
-                    f"row {index}: the teacher prompt has {len(teacher_ids)} tokens, over max_teacher_prompt_length="
-                    f"{self.max_teacher_prompt_length}; its privileged context would be cut. Raise the limit or set "
-                    "privileged_truncation='truncate_left' to keep the end of the prompt (the context) and count it."
-                )
-            teacher_ids = teacher_ids[-self.max_teacher_prompt_length :]
         completion_ids = self._encode_completion(prompt, completion, prompt_ids, index) if completion else None
-        return RowViews(prompt_ids, teacher_ids, completion_ids, privileged, truncated)
+        room = self._prompt_room(completion_ids, index)
+        student_limit = min((n for n in (self.max_prompt_length, room) if n), default=None)
+        # An explicit teacher limit wins over max_length: a teacher prompt may hold a whole reference solution.
+        teacher_limit = self.max_teacher_prompt_length or room
+        teacher_ids, teacher_truncated = self._cut_teacher_prompt(teacher_ids, prompt_ids, privileged, teacher_limit,
+                                                                  index)
+        prompt_truncated = bool(student_limit and len(prompt_ids) > student_limit)
+        if prompt_truncated:
+            prompt_ids = prompt_ids[-student_limit:]
+        return RowViews(prompt_ids, teacher_ids, completion_ids, privileged, teacher_truncated, prompt_truncated)
 
     # -- a batch -------------------------------------------------------------------------------
     def _pad(self, sequences: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -322,6 +377,58 @@ class OPSDCollator:
         )
         if all(v.completion_ids for v in views):
             batch["completions"], batch["completion_mask"] = self._pad([v.completion_ids for v in views], "right")
+            batch.update(gkd_sequences(batch, self.tokenizer.pad_token_id))
+        batch["num_truncated_prompts"] = torch.tensor(sum(v.prompt_truncated for v in views))
         batch["num_truncated_teacher_prompts"] = torch.tensor(sum(v.teacher_prompt_truncated for v in views))
         batch["num_privileged_rows"] = torch.tensor(sum(v.has_privileged_context for v in views))
         return batch
+
+
+def gkd_sequences(batch: dict[str, torch.Tensor], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """The student's ``prompt + completion`` as GKD's collator lays it out: ``input_ids``, ``attention_mask`` and
+    ``labels`` (-100 outside the completion), each row's sequence left-padded as a whole, so every row ends at the
+    last column. For code written against GKD's batches; OPSD's own keys keep completions aligned instead."""
+    rows, labels = [], []
+    for prompt, prompt_mask, completion, completion_mask in zip(
+        batch["prompts"], batch["prompt_attention_mask"], batch["completions"], batch["completion_mask"]
+    ):
+        prompt, completion = prompt[prompt_mask.bool()], completion[completion_mask.bool()]
+        rows.append(torch.cat([prompt, completion]))
+        labels.append(torch.cat([torch.full_like(prompt, -100), completion]))
+    width = max(len(row) for row in rows)
+    sequences = {
+        "input_ids": torch.full((len(rows), width), pad_token_id, dtype=torch.long),
+        "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
+        "labels": torch.full((len(rows), width), -100, dtype=torch.long),
+    }
+    for index, (row, label) in enumerate(zip(rows, labels)):
+        sequences["input_ids"][index, width - len(row) :] = row
+        sequences["attention_mask"][index, width - len(row) :] = 1
+        sequences["labels"][index, width - len(row) :] = label
+    return {key: value.to(batch["prompts"].device) for key, value in sequences.items()}
+
+
+def views_from_gkd_batch(batch: dict[str, torch.Tensor], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """OPSD's batch layout from the output of GKD's ``DataCollatorForChatML`` (``input_ids``, ``labels``, ``prompts``).
+
+    Each row's completion is its labelled tokens (``labels != -100``), trained as a dataset completion; the teacher
+    sees the student's prompt, as in GKD (such batches carry no privileged context).
+    """
+    completions = []
+    for index, (ids, labels) in enumerate(zip(batch["input_ids"], batch["labels"])):
+        if not (labels != -100).any():
+            raise RowError(f"row {index} of the batch has no labelled (completion) token in 'labels'")
+        completions.append(ids[labels != -100].tolist())
+    views = {"prompts": batch["prompts"], "prompt_attention_mask": batch["prompt_attention_mask"]}
+    views["teacher_prompts"], views["teacher_prompt_attention_mask"] = views["prompts"], views["prompt_attention_mask"]
+    width = max(len(c) for c in completions)
+    views["completions"] = torch.full((len(completions), width), pad_token_id, dtype=torch.long)
+    views["completion_mask"] = torch.zeros((len(completions), width), dtype=torch.long)
+    for row, completion in enumerate(completions):
+        views["completions"][row, : len(completion)] = torch.tensor(completion)
+        views["completion_mask"][row, : len(completion)] = 1
+    views = {key: value.to(batch["prompts"].device) for key, value in views.items()}
+    views.update({key: batch[key] for key in ("input_ids", "attention_mask", "labels")})
+    for name in ("num_truncated_prompts", "num_truncated_teacher_prompts", "num_privileged_rows"):
+        views[name] = torch.tensor(0)
+    return views

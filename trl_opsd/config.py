@@ -48,12 +48,13 @@ class OPSDConfig(GKDConfig):
         answer_context_template (`str`): formats that column, e.g. `"The final answer is {answer}."`.
         teacher_prompt_template (`str`): rewrites the last user turn for the teacher;
             `{prompt}` is its content and `{privileged_context}` the hint.
-        max_prompt_length (`int` or `None`, defaults to `512`): student prompts longer than this are cut from the left.
+        max_prompt_length (`int` or `None`, defaults to `None`): student prompts longer than this lose their oldest
+            tokens. `None`: only GKD's `max_length` bounds them (prompt + dataset completion, prompt cut first).
         max_teacher_prompt_length (`int` or `None`, defaults to `None` = `max_prompt_length`): the same for
-            teacher prompts.
-        privileged_truncation (`str`, defaults to `"error"`): a teacher prompt over its limit raises
-            (`"error"`), or is cut from the left so the privileged context at its end survives, and is
-            counted in the `truncated_teacher_prompts` metric (`"truncate_left"`).
+            teacher prompts; `None` there: bounded like the student's by `max_length` minus the dataset completion.
+        privileged_truncation (`str`, defaults to `"error"`): a teacher prompt over its limit loses its oldest tokens
+            either way (counted in the `truncated_teacher_prompts` metric); when that would cut into the
+            privileged context itself, `"error"` raises and `"truncate_left"` cuts anyway.
 
     Loss:
         divergence (`str`, defaults to `"full"`): `"full"`: generalized JSD(`beta`) over the whole
@@ -112,7 +113,7 @@ class OPSDConfig(GKDConfig):
     privileged_from: str | None = field(default="answer", metadata={"help": "Column turned into privileged context."})
     answer_context_template: str = field(default=DEFAULT_ANSWER_CONTEXT_TEMPLATE)
     teacher_prompt_template: str = field(default=DEFAULT_TEACHER_PROMPT_TEMPLATE)
-    max_prompt_length: int | None = field(default=512)
+    max_prompt_length: int | None = field(default=None)
     max_teacher_prompt_length: int | None = field(default=None)
     privileged_truncation: str = field(default="error", metadata={"help": f"One of {TRUNCATION_POLICIES}."})
 
@@ -148,6 +149,10 @@ class OPSDConfig(GKDConfig):
     def __post_init__(self):
         check_finite_floats(self)  # before GKD's range checks, which NaN passes (every comparison is False)
         super().__post_init__()
+        self.check_opsd_fields()
+
+    def check_opsd_fields(self) -> None:
+        """Validate the knobs OPSD adds to ``GKDConfig`` (also run when a ``GKDConfig`` is adopted in place)."""
         _check_choice("self_teacher", self.self_teacher, SELF_TEACHER_MODES)
         _check_choice("kl_clip_mode", self.kl_clip_mode, CLIP_MODES)
         _check_choice("divergence", self.divergence, DIVERGENCES)

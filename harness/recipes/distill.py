@@ -373,7 +373,7 @@ def check_inputs(resolved: Resolved, args: Parsed, validate_rows: bool) -> None:
         collator = OPSDCollator(
             tokenizer=tokenizer, max_prompt_length=training.max_prompt_length,
             max_teacher_prompt_length=training.max_teacher_prompt_length,
-            max_completion_length=training.max_new_tokens, privileged_from=privileged_from,
+            max_length=training.max_length or min(tokenizer.model_max_length, 1024), privileged_from=privileged_from,
             answer_context_template=training.answer_context_template,
             teacher_prompt_template=training.teacher_prompt_template,
             privileged_truncation=training.privileged_truncation,
