@@ -221,7 +221,9 @@ def describe_loss(args: OPSDConfig, reward: RewardArguments | None = None) -> di
         divergence = f"{name}, summed over {scope}  [beta={args.beta}]"
     clip = "none"
     if args.kl_clip is not None:
-        clip = f"{args.kl_clip_mode} at {args.kl_clip} per token, after the vocabulary sum"
+        where = "on each vocabulary entry's term, before the sum" if args.kl_clip_mode == "pointwise" else (
+            "per token, after the vocabulary sum")
+        clip = f"{args.kl_clip_mode} at {args.kl_clip} {where}"
     unified = describe_unified(args, reward) if isinstance(args, UnifiedConfig) else {}
     return {
         **unified,

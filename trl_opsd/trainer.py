@@ -49,14 +49,17 @@ from trl_opsd.chunked import (
 from trl_opsd.collator import OPSDCollator
 from trl_opsd.config import OPSDConfig
 from trl_opsd.losses import (
+    PointwiseClipped,
     clip_per_token,
     per_token_divergence,
     per_token_entropy,
+    pointwise_clipped_divergence,
     sampled_token_reverse_kl,
     sparse_topk_divergence,
+    sparse_topk_pointwise_clipped,
     token_log_probs,
 )
-from trl_opsd.metrics import divergence_statistics
+from trl_opsd.metrics import divergence_statistics, pointwise_clip_statistics
 from trl_opsd.teachers.base import Teacher
 from trl_opsd.teachers.local import (
     AdapterDisabledTeacher,
@@ -590,6 +593,11 @@ class OPSDTrainer(GKDTrainer):
           is the estimate ``log p_S(y) - log p_T(y)``, not the surrogate.
         """
         args, tau = self.args, self.args.loss_temperature
+        pointwise_cap = self._pointwise_cap()
+        if args.divergence == "full" and pointwise_cap is not None:
+            clip = pointwise_clipped_divergence(student_logits, teacher_logits, self.beta, pointwise_cap, tau)
+            self._record_pointwise_clip(clip, inputs, student_logits.size(-1))
+            return clip.values, clip.unclipped
         if args.divergence == "full":
             divergence = per_token_divergence(student_logits, teacher_logits, self.beta, tau)
         elif args.divergence == "topk":
@@ -598,6 +606,12 @@ class OPSDTrainer(GKDTrainer):
             else:
                 scores = self._remote_scores(inputs, args.teacher_top_k)
                 topk_ids, topk_logprobs = scores.topk_ids, scores.topk_logprobs
+            if pointwise_cap is not None:
+                clip = sparse_topk_pointwise_clipped(
+                    student_logits, topk_ids, topk_logprobs, self.beta, pointwise_cap, tau
+                )
+                self._record_pointwise_clip(clip, inputs, topk_ids.size(-1) + 1)
+                return clip.values, clip.unclipped
             divergence = sparse_topk_divergence(student_logits, topk_ids, topk_logprobs, self.beta, tau)
         else:
             completions = inputs["completions"]
@@ -614,24 +628,44 @@ class OPSDTrainer(GKDTrainer):
         """:meth:`distillation_terms` from hidden states, a chunk of positions at a time: the same values and
         gradients (clipping acts per position, after the chunks), plus both entropies for the metrics."""
         args, tau = self.args, self.args.loss_temperature
-        student_side = {"mask": mask, "chunk_size": args.loss_chunk_size, "student_bias": student.bias}
+        student_side = {"mask": mask, "chunk_size": args.loss_chunk_size, "student_bias": student.bias,
+                        "pointwise_cap": self._pointwise_cap()}
         if args.divergence == "full":
             out = chunked_per_token_divergence(
                 student.hidden, student.weight, teacher.hidden, teacher.weight, self.beta, tau,
                 teacher_bias=teacher.bias, **student_side,
             )
-            clipped = clip_per_token(out.values, args.kl_clip, args.kl_clip_mode)
-            return ChunkedTerms(clipped, out.values, out.student_entropy, out.teacher_entropy)
+            per_token_loss, divergence = self._chunked_clip(out, inputs, student.weight.size(0))
+            return ChunkedTerms(per_token_loss, divergence, out.student_entropy, out.teacher_entropy)
         scores, teacher_entropy = self._teacher_token_scores(teacher, inputs, mask)
         if args.divergence == "topk":
             out = chunked_sparse_topk_divergence(
                 student.hidden, student.weight, scores.topk_ids, scores.topk_logprobs, self.beta, tau, **student_side
             )
-            clipped = clip_per_token(out.values, args.kl_clip, args.kl_clip_mode)
-            return ChunkedTerms(clipped, out.values, out.student_entropy, teacher_entropy)
+            per_token_loss, divergence = self._chunked_clip(out, inputs, scores.topk_ids.size(-1) + 1)
+            return ChunkedTerms(per_token_loss, divergence, out.student_entropy, teacher_entropy)
+        student_side.pop("pointwise_cap")  # refused with divergence="sampled" (OPSDConfig)
         out = chunked_token_log_probs(student.hidden, student.weight, inputs["completions"], tau, **student_side)
         terms = sampled_token_reverse_kl(out.values, scores.sampled_logprobs, ratio_cap=args.sampled_ratio_cap)
         return ChunkedTerms(terms.surrogate, terms.kl_estimate, out.student_entropy, teacher_entropy)
+
+    def _pointwise_cap(self) -> float | None:
+        """The cap of ``kl_clip_mode="pointwise"`` (each vocabulary entry's term, before the sum), else None."""
+        return self.args.kl_clip if self.args.kl_clip_mode == "pointwise" else None
+
+    def _chunked_clip(self, out, inputs, entries_per_position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-token loss, divergence to log) from a chunked output: the pointwise clip happened inside the chunks,
+        the per-token clips (clamp, scale) act here."""
+        if out.clip is not None:
+            self._record_pointwise_clip(out.clip, inputs, entries_per_position)
+            return out.values, out.clip.unclipped
+        return clip_per_token(out.values, self.args.kl_clip, self.args.kl_clip_mode), out.values
+
+    @torch.no_grad()
+    def _record_pointwise_clip(self, clip: PointwiseClipped, inputs, entries_per_position: int) -> None:
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        for name, value in pointwise_clip_statistics(clip, inputs["completion_mask"], entries_per_position).items():
+            metrics[name].append(value)
 
     def _teacher_token_scores(self, teacher: HeadInputs | None, inputs, mask):
         """(top-k / sampled-token scores, teacher entropy or None) for ``divergence`` topk or sampled."""
@@ -697,7 +731,8 @@ class OPSDTrainer(GKDTrainer):
         mode = "train" if self.model.training else "eval"
         metrics = self._metrics[mode]
         if divergence is not None:
-            for name, value in divergence_statistics(divergence, mask, self.args.kl_clip).items():
+            per_token_cap = self._pointwise_cap() is None and self.args.kl_clip  # pointwise: its own clipped_fraction
+            for name, value in divergence_statistics(divergence, mask, per_token_cap or None).items():
                 metrics[name].append(value)
         if mask.any():
             metrics["student_entropy"].append(student_entropy.mean().item())
