@@ -46,6 +46,7 @@ from trl_opsd.chunked import (
     chunked_teacher_scores,
     chunked_token_log_probs,
 )
+from trl_opsd.collapse import CollapseGuard
 from trl_opsd.collator import OPSDCollator
 from trl_opsd.config import OPSDConfig
 from trl_opsd.losses import (
@@ -258,6 +259,8 @@ class OPSDTrainer(GKDTrainer):
             logger.info("chunked_loss: using the dense loss, because %s", self._dense_loss_reason)
         self.vllm_generation = self._build_vllm_generation() if args.use_vllm else None
         self._vllm_synced_step = -1
+        if args.collapse_guard != "off":
+            self.add_callback(CollapseGuard(args.collapse_guard, max_completion_length=args.max_new_tokens))
 
     # -- construction ---------------------------------------------------------------------------
     def _prepare_frozen(self, module: nn.Module) -> nn.Module:
