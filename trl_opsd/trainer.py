@@ -734,8 +734,9 @@ class OPSDTrainer(GKDTrainer):
         mode = "train" if self.model.training else "eval"
         metrics = self._metrics[mode]
         if divergence is not None:
-            per_token_cap = self._pointwise_cap() is None and self.args.kl_clip  # pointwise: its own clipped_fraction
-            for name, value in divergence_statistics(divergence, mask, per_token_cap or None).items():
+            # The pointwise clip logs its own clipped_fraction (of vocabulary entries): _record_pointwise_clip.
+            per_token_cap = None if self._pointwise_cap() is not None else self.args.kl_clip
+            for name, value in divergence_statistics(divergence, mask, per_token_cap).items():
                 metrics[name].append(value)
         if mask.any():
             metrics["student_entropy"].append(student_entropy.mean().item())
