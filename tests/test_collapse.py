@@ -117,3 +117,20 @@ def test_last_checkpoint_at_or_before(tmp_path):
     assert last_checkpoint_at_or_before(str(tmp_path), 5) is None
     assert last_checkpoint_at_or_before(str(tmp_path), None) is None
     assert last_checkpoint_at_or_before(str(tmp_path / "missing"), 100) is None
+
+
+@pytest.mark.parametrize("mode", ["warn", "stop", "off"])
+def test_the_trainer_carries_the_guard_unless_off(tiny_tokenizer, tmp_path, mode):
+    from datasets import Dataset
+
+    from harness.arithmetic import generate_problems, problems_to_rows
+    from harness.tiny_models import build_tiny_model
+    from trl_opsd import OPSDTrainer
+
+    args = OPSDConfig(output_dir=str(tmp_path), collapse_guard=mode, max_new_tokens=8, report_to="none", use_cpu=True,
+                      bf16=False)
+    trainer = OPSDTrainer(model=build_tiny_model(tiny_tokenizer), args=args, processing_class=tiny_tokenizer,
+                          train_dataset=Dataset.from_list(problems_to_rows(generate_problems(4, "train"))))
+    guards = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, CollapseGuard)]
+    assert [guard.mode for guard in guards] == ([] if mode == "off" else [mode])
+    assert all(guard.max_completion_length == 8 for guard in guards)
