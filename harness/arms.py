@@ -68,12 +68,11 @@ OPSD_ARMS = {
 }
 
 # UnifiedTrainer arms (``Arm(..., unified=True)``): outcome RL at the step that works and at one that destroys the
-# model (tests/test_unified.py measured both).
+# model (tests/test_unified.py measured both); logged every 5 steps, for the CollapseGuard's histories.
+_RL_OUTCOME = {"preset": "rl_outcome", "num_generations": 4, "per_device_train_batch_size": 32, "logging_steps": 5}
 UNIFIED_ARMS = {
-    "rl_outcome": {"preset": "rl_outcome", "num_generations": 4, "per_device_train_batch_size": 32,
-                   "learning_rate": 1e-4},
-    "rl_outcome_lr1e-3": {"preset": "rl_outcome", "num_generations": 4, "per_device_train_batch_size": 32,
-                          "learning_rate": 1e-3},
+    "rl_outcome": {**_RL_OUTCOME, "learning_rate": 1e-4},
+    "rl_outcome_lr1e-3": {**_RL_OUTCOME, "learning_rate": 1e-3},
 }
 
 
