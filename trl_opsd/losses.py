@@ -93,7 +93,9 @@ def pointwise_clip(terms: Tensor, cap: float) -> PointwiseClipped:
     """Cap each entry's term at ``cap`` (``terms.clamp(max=cap)``, negative terms kept), then sum the last dimension.
 
     Gradient: an entry above the cap contributes none (clamp's gradient is 1 up to and including the cap, 0 above);
-    the others contribute their full gradient.
+    the others contribute their full gradient. The logits still couple through the softmax: for forward KL the
+    gradient at a capped entry v is ``p_S(v) * sum_{kept u} p_T(u) >= 0``, so a descent step lowers the student's
+    probability of a token whose term was capped (typically one the teacher prefers far more than the student).
     """
     _check_cap(cap)
     with torch.no_grad():
