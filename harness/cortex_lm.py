@@ -9,7 +9,8 @@ optional on-disk cache). Model arguments: ``model`` and ``account_url`` (require
 (``PROGRAMMATIC_ACCESS_TOKEN`` by default, or ``SESSION``, ``KEYPAIR_JWT``, ``OAUTH``); ``token_env`` /
 ``token_file`` (default: the variable of that type, e.g. ``SNOWFLAKE_PAT``); ``max_concurrency``,
 ``timeout_s``, ``max_retries``, ``cache`` (a file path). The credential is read from the environment or the
-file, never from the command line, so it never lands in lm-eval's results files.
+file, never from the command line, so it never lands in lm-eval's results files; an ``account_url`` carrying
+credentials (``https://user:pass@...``, ``?token=...``) is refused for the same reason.
 
 Only ``generate_until`` works: Cortex returns text without log-probabilities, so log-likelihood tasks
 (multiple choice, perplexity) raise ``NotImplementedError``. Cortex has no stop sequences either; the
@@ -27,6 +28,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.models.api_models import JsonChatStr
 
+from trl_opsd import redaction
 from trl_opsd.teachers import CortexAuth, CortexTeacher, RetryPolicy
 
 logger = logging.getLogger(__name__)
@@ -69,6 +71,12 @@ class CortexLM(LM):
             raise ValueError(
                 "cortex: --model_args needs model=<cortex model> and account_url=https://<account>."
                 f"snowflakecomputing.com (got model={model!r}, account_url={account_url!r})"
+            )
+        if redaction.strip_url_credentials(account_url) != account_url:
+            redaction.register_url(account_url)
+            raise ValueError(
+                f"cortex: account_url {redaction.redact(account_url)} carries credentials, which lm-eval would write "
+                "into its results files with the model args; put the token in token_env or token_file instead"
             )
         self.model = model
         self.max_gen_toks = int(max_gen_toks)

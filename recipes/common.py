@@ -100,7 +100,9 @@ def detect_launch() -> Launch:
 def parse(parser, argv: list[str] | None, launch: Launch) -> tuple:
     """The parser's dataclasses from ``argv`` (default: the command line) plus the launch's forced arguments."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    return parser.parse_args_and_config(args=argv + launch.argv())
+    parsed = parser.parse_args_and_config(args=argv + launch.argv())
+    manifest.register_secrets(parsed)  # before any plan is printed: the key behind teacher_api_key_env, URL credentials
+    return parsed
 
 
 def described_setup(script_args: RecipeArguments, launch: Launch) -> launch_env.LaunchSetup:

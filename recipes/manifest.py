@@ -1,10 +1,13 @@
 """Run manifests: what ran, with which code, packages and data; never a secret.
 
 Secrets are kept out twice over: any field whose name has a secret-like word in it (``hub_token``,
-``api_key``, ``*_secret``, ``password``, ...) is dropped wherever it appears, and any string that contains
-the value of a secret-named environment variable has that value replaced by ``<redacted>`` (a key
-pasted into an innocent field, a URL with credentials in it). Names are split into words, so
-``max_new_tokens`` (a count) is kept while ``hub_token`` is dropped.
+``api_key``, ``*_secret``, ``password``, ...) is dropped wherever it appears, and every string goes through
+:func:`trl_opsd.redaction.redact`, the project's one redaction layer (registered secret values, raw, quoted
+or cut to 8+ characters; secret-named environment variables; URL credentials). Before scrubbing, the
+secrets the payload and the command line point at are registered: the value of the variable named by
+``teacher_api_key_env`` (any secret-named ``*_env`` field or flag), the contents of a ``*_file``, a
+secret-named value itself, credentials inside any URL. Names are split into words, so ``max_new_tokens``
+(a count) is kept while ``hub_token`` is dropped.
 """
 
 from __future__ import annotations
@@ -12,34 +15,19 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
-import os
 import platform
-import re
 import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-REDACTED = "<redacted>"
-SECRET_WORDS = frozenset(
-    {"key", "keys", "apikey", "token", "secret", "secrets", "password", "passwords", "passwd", "pat",
-     "credential", "credentials", "auth", "authorization"}
-)
+from trl_opsd import redaction
+from trl_opsd.redaction import REDACTED, SECRET_WORDS, environment_secrets, is_secret_name  # noqa: F401 (public)
+
 # Distributions whose versions decide a run's behaviour (import names differ for some).
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "deepspeed", "vllm",
             "trl-opsd")
-
-
-def is_secret_name(name: str) -> bool:
-    """True when a field or variable name contains a secret-like word (snake_case, kebab-case or camelCase)."""
-    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", str(name))
-    return any(word in SECRET_WORDS for word in re.findall(r"[a-z0-9]+", spaced.lower()))
-
-
-def environment_secrets() -> list[str]:
-    """Values of secret-named environment variables (long enough to be worth redacting)."""
-    return [value for name, value in os.environ.items() if is_secret_name(name) and len(value.strip()) >= 4]
 
 
 def _jsonable(value: Any) -> Any:
@@ -56,23 +44,58 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def scrub(value: Any, secrets: list[str] | None = None) -> Any:
-    """A JSON-ready copy of ``value`` without secret-named fields and with secret values redacted."""
-    secrets = environment_secrets() if secrets is None else secrets
+def _tree(value: Any) -> Any:
+    """``value`` as nested dicts, lists and scalars (dataclasses and enums converted)."""
     value = _jsonable(value)
     if isinstance(value, dict):
-        return {str(k): scrub(v, secrets) for k, v in value.items() if not is_secret_name(str(k))}
+        return {str(k): _tree(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
-        return [scrub(item, secrets) for item in value]
+        return [_tree(item) for item in value]
+    return value
+
+
+def register_secrets(value: Any) -> None:
+    """Register with the redaction layer every secret ``value`` (a config, parsed arguments, a payload) and
+    the process's command line point at; call it before printing anything derived from them."""
+    redaction.register_config(_tree(value))
+    register_argv_secrets(sys.argv)
+
+
+def register_argv_secrets(argv: list[str]) -> None:
+    """Secrets named on a command line: ``--teacher_api_key_env VAR`` (the variable's value), ``--x_file F``,
+    ``--hub_token T``, URLs with credentials."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--"):
+            name, eq, inline = arg[2:].partition("=")
+            following = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else None
+            value = inline if eq else following
+            if value is not None:
+                redaction.register_config({name: value})
+        else:
+            redaction.register_config(arg)
+
+
+def scrub(value: Any, secrets: list[str] | None = None) -> Any:
+    """A JSON-ready copy of ``value`` without secret-named fields and with secrets redacted (``secrets``: values
+    redacted besides those of the redaction layer; the secrets ``value`` points at are registered first)."""
+    tree = _tree(value)
+    register_secrets(tree)
+    return _scrub(tree, list(secrets or ()))
+
+
+def _scrub(value: Any, secrets: list[str]) -> Any:
+    if isinstance(value, dict):
+        return {k: _scrub(v, secrets) for k, v in value.items() if not is_secret_name(k)}
+    if isinstance(value, list):
+        return [_scrub(item, secrets) for item in value]
     if isinstance(value, str):
-        for secret in secrets:
-            value = value.replace(secret, REDACTED)
+        return redaction.redact(value, secrets)
     return value
 
 
 def scrub_argv(argv: list[str], secrets: list[str] | None = None) -> list[str]:
-    """The command line without secret-named flags (and their values) and with secret values redacted."""
-    secrets = environment_secrets() if secrets is None else secrets
+    """The command line without secret-named flags (and their values) and with secrets redacted."""
+    register_argv_secrets(argv)
     kept, skip_value = [], False
     for arg in argv:
         if skip_value:
@@ -82,7 +105,7 @@ def scrub_argv(argv: list[str], secrets: list[str] | None = None) -> list[str]:
         if arg.startswith("--") and is_secret_name(arg[2:].split("=", 1)[0]):
             skip_value = "=" not in arg
             continue
-        kept.append(scrub(arg, secrets))
+        kept.append(redaction.redact(arg, secrets or ()))
     return kept
 
 

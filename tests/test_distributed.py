@@ -127,13 +127,13 @@ def tiny_tokenizer_for_fsdp():
 @pytest.mark.parametrize("teacher_kind", ["frozen_copy", "external"])
 def test_fsdp_places_a_frozen_teacher_with_trls_prepare_fsdp(tiny_tokenizer_for_fsdp, tmp_path, monkeypatch,
                                                              teacher_kind):
-    import trl_opsd.trainer as trainer_module
+    import trl_opsd.teacher_setup as setup_module
     from harness.tiny_models import build_tiny_model
     from trl_opsd.teachers.local import ModelTeacher
 
     trainer = _fsdp_trainer(tiny_tokenizer_for_fsdp, tmp_path, monkeypatch)
     prepared = []
-    monkeypatch.setattr(trainer_module, "prepare_fsdp",
+    monkeypatch.setattr(setup_module, "prepare_fsdp",
                         lambda module, accelerator: prepared.append((module, accelerator)) or module.eval())
     monkeypatch.setattr(trainer.accelerator, "prepare_model",
                         lambda *a, **k: pytest.fail("prepare_model(evaluation_mode=True) leaves it unplaced"))

@@ -18,7 +18,6 @@ from trl_opsd.losses import (
     per_token_entropy,
     sampled_token_reverse_kl,
     sparse_topk_divergence,
-    sparse_topk_forward_kl,
     token_log_probs,
 )
 
@@ -267,7 +266,7 @@ def test_sparse_topk_equals_dense_forward_kl_at_full_vocab(temperature):
     student = random_logits(4, 5, 23, seed=10).requires_grad_()
     teacher = random_logits(4, 5, 23, seed=11)
     ids, log_probs = teacher_topk(teacher, 23, temperature)
-    sparse = sparse_topk_forward_kl(student, ids, log_probs, temperature)
+    sparse = sparse_topk_divergence(student, ids, log_probs, beta=0.0, temperature=temperature)
     dense = per_token_divergence(student, teacher, 0.0, temperature)
     torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)
     (sparse_grad,) = torch.autograd.grad(sparse.sum(), student)
@@ -315,9 +314,9 @@ def test_sparse_topk_hand_computed_with_tail_bucket():
     student = torch.zeros(4)
     ids = torch.tensor([0, 2])
     log_probs = torch.tensor([0.5, 0.3]).log()
-    assert sparse_topk_forward_kl(student, ids, log_probs).item() == pytest.approx(0.2180119109, abs=1e-6)
+    assert sparse_topk_divergence(student, ids, log_probs).item() == pytest.approx(0.2180119109, abs=1e-6)
     # Padding (-1) entries are ignored; order of the ids does not matter.
-    padded = sparse_topk_forward_kl(student, torch.tensor([2, -1, 0, -1]), torch.tensor([0.3, 0.0, 0.5, -3.0]).log())
+    padded = sparse_topk_divergence(student, torch.tensor([2, -1, 0, -1]), torch.tensor([0.3, 0.0, 0.5, -3.0]).log())
     assert padded.item() == pytest.approx(0.2180119109, abs=1e-6)
 
 
@@ -325,16 +324,16 @@ def test_sparse_topk_padded_rows_and_logprob_inputs():
     student = random_logits(3, 12, seed=16).requires_grad_()
     teacher = random_logits(3, 12, seed=17)
     ids, log_probs = teacher_topk(teacher, 4)
-    reference = sparse_topk_forward_kl(student, ids, log_probs)
+    reference = sparse_topk_divergence(student, ids, log_probs)
     padded_ids = torch.cat([ids, torch.full((3, 3), -1)], dim=-1)
     padded_log_probs = torch.cat([log_probs, torch.zeros(3, 3)], dim=-1)
-    torch.testing.assert_close(sparse_topk_forward_kl(student, padded_ids, padded_log_probs), reference)
+    torch.testing.assert_close(sparse_topk_divergence(student, padded_ids, padded_log_probs), reference)
     # Student log-probabilities instead of logits give the same value (log_softmax ignores a per-row constant).
-    torch.testing.assert_close(sparse_topk_forward_kl(F.log_softmax(student, -1), ids, log_probs), reference)
+    torch.testing.assert_close(sparse_topk_divergence(F.log_softmax(student, -1), ids, log_probs), reference)
     # A position with no teacher entries at all: everything is tail, divergence 0, finite gradient.
-    no_entries = sparse_topk_forward_kl(student[:1], torch.full((1, 4), -1), torch.zeros(1, 4))
+    no_entries = sparse_topk_divergence(student[:1], torch.full((1, 4), -1), torch.zeros(1, 4))
     assert no_entries.item() == pytest.approx(0.0, abs=1e-6)
-    (grad,) = torch.autograd.grad(sparse_topk_forward_kl(student, padded_ids, padded_log_probs).sum(), student)
+    (grad,) = torch.autograd.grad(sparse_topk_divergence(student, padded_ids, padded_log_probs).sum(), student)
     assert torch.isfinite(grad).all()
 
 
@@ -343,7 +342,7 @@ def test_sparse_topk_survives_rounded_api_logprobs():
     student = random_logits(2, 6, seed=18).requires_grad_()
     teacher_log_probs = torch.tensor([[math.log(0.6), math.log(0.41), -30.0, -30.0, -30.0]] * 2)
     ids = torch.tensor([[0, 1, 2, 3, 4]] * 2)
-    value = sparse_topk_forward_kl(student, ids, teacher_log_probs)
+    value = sparse_topk_divergence(student, ids, teacher_log_probs)
     (grad,) = torch.autograd.grad(value.sum(), student)
     assert torch.isfinite(value).all() and torch.isfinite(grad).all()
     assert torch.all(value >= 0)

@@ -11,7 +11,7 @@ from harness.tiny_models import build_tiny_model
 from trl_opsd import OPSDConfig, OPSDTrainer
 from trl_opsd.losses import per_token_divergence, sampled_token_reverse_kl
 from trl_opsd.teachers import CortexAuth, CortexTeacher, OpenAICompatTeacher, TeacherCapabilityError
-from trl_opsd.teachers.local import completion_logits
+from trl_opsd.forward import completion_logits
 
 
 def _args(tmp_path, **overrides):

@@ -11,7 +11,7 @@ from harness.arithmetic import generate_problems, hinted_messages, problems_to_r
 from harness.tiny_models import build_tiny_model
 from trl_opsd import OPSDConfig, OPSDTrainer
 from trl_opsd.collator import OPSDCollator
-from trl_opsd.teachers.local import completion_logits
+from trl_opsd.forward import completion_logits
 
 
 def _config(tmp_path, **overrides):
@@ -132,7 +132,7 @@ def test_peft_self_teacher_adds_no_parameters_and_stays_the_base_model(tiny_toke
         ids = torch.cat([inputs["teacher_prompts"], inputs["completions"]], 1)
         mask = torch.cat([inputs["teacher_prompt_attention_mask"], inputs["completion_mask"]], 1)
         num = inputs["completions"].shape[1]
-        from trl_opsd.teachers.local import completion_logits
+        from trl_opsd.forward import completion_logits
 
         teacher = trainer.teacher.completion_logits(trainer.model, ids, mask, num)
         torch.testing.assert_close(teacher, completion_logits(base_reference, ids, mask, num), atol=1e-5, rtol=1e-5)

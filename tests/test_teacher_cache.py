@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
@@ -205,3 +206,12 @@ def test_status_errors_are_classified(tmp_path):
     assert isinstance(auth, RemoteAuthError) and "environment variable K" in str(auth)
     final = ex.status_error(422, "bad", who="t", credential=None, headers={})
     assert type(final) is RemoteTeacherError and "not retried" in str(final)
+
+
+def test_cache_keys_hold_no_url_credentials():
+    with_credentials = request_key_parts("b", "https://bob:pw-0123456789@h/v1?api_key=key-0123456789&x=1", "m", {})
+    rotated = request_key_parts("b", "https://bob:pw-9876543210@h/v1?api_key=key-9876543210&x=1", "m", {})
+    assert with_credentials == rotated  # a rotated password keeps the cache
+    text = json.dumps(with_credentials)
+    assert "0123456789" not in text and "x=1" in text
+

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trl_opsd.losses import sparse_topk_forward_kl
+from trl_opsd.losses import sparse_topk_divergence
 from trl_opsd.teachers import (
     Generation,
     RowScores,
@@ -150,7 +150,7 @@ def test_blended_sparse_loss_is_a_lower_bound_tight_at_full_vocabulary():
     student = torch.randn(4, 4, VOCAB, generator=torch.Generator().manual_seed(1))
 
     def sparse(scores):
-        per_token = sparse_topk_forward_kl(student, scores.topk_ids, scores.topk_logprobs)
+        per_token = sparse_topk_divergence(student, scores.topk_ids, scores.topk_logprobs)
         return per_token[scores.mask].sum()
 
     values = [TeacherBlend.loss(sparse, blend.score_topk(PROMPTS, COMPLETIONS, k)).item() for k in (1, 3, 6, VOCAB)]

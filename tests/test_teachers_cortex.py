@@ -117,7 +117,7 @@ def test_bearer_tokens_carry_their_type_header(lm, monkeypatch, token_type):
         assert headers["x-snowflake-authorization-token-type"] == token_type
 
 
-def test_comments_multiline_data_crlf_and_no_done_marker(lm, monkeypatch):
+def test_comments_multiline_data_crlf_and_a_finish_reason_instead_of_done(lm, monkeypatch):
     monkeypatch.setenv("SNOWFLAKE_PAT", SECRET)
     with LoopbackServer(lm, cortex_tokens={"PROGRAMMATIC_ACCESS_TOKEN": SECRET}, sse_variants=True,
                         sse_done=False, sse_chunk_bytes=5) as server:
@@ -126,7 +126,7 @@ def test_comments_multiline_data_crlf_and_no_done_marker(lm, monkeypatch):
         assert gen.text == expected_text(lm, CHATS[0], 6)
 
 
-@pytest.mark.parametrize("fault", ["sse_cut", "sse_drop", "drop", "500", "503", "malformed"])
+@pytest.mark.parametrize("fault", ["sse_cut", "sse_drop", "sse_eof", "drop", "500", "503", "malformed"])
 def test_transient_failures_are_retried(lm, monkeypatch, fault):
     monkeypatch.setenv("SNOWFLAKE_PAT", SECRET)
     with LoopbackServer(lm, cortex_tokens={"PROGRAMMATIC_ACCESS_TOKEN": SECRET}) as server:

@@ -370,3 +370,15 @@ def test_scoring_without_a_student_tokenizer_is_refused(lm):
         with pytest.raises(ValueError, match="needs student_tokenizer"):
             teacher.require("topk", top_k=2)
         assert teacher._client.max_retries == 0  # the retry policy is ours alone
+
+
+def test_log_probs_must_be_finite_numbers_at_most_zero():
+    from trl_opsd.teachers.http import InvalidResponseError
+    from trl_opsd.teachers.wire import logprob
+
+    assert logprob(-9999.0, "x") == -9999.0  # vLLM's spelling of -inf: probability 0, kept
+    assert logprob(-0.25, "x") == -0.25 and logprob(3e-6, "x") == 0.0  # float rounding of log 1 reads as 0
+    for bad in (None, float("nan"), float("inf"), float("-inf"), 0.5, True, "-1.0", [-1.0]):
+        with pytest.raises(InvalidResponseError, match="x: log-prob must be"):
+            logprob(bad, "x")
+

@@ -90,3 +90,44 @@ def test_hinton_kd_falls_back_to_the_dense_loss_and_says_so(tiny_tokenizer, tmp_
     messages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("chunked_loss: using the dense")]
     assert messages == [f"chunked_loss: using the dense loss, because {trainer._dense_loss_reason}"]
     _assert_same_step(_step(_trainer(tiny_tokenizer, tmp_path, chunked=False, preset="kd")), _step(trainer))
+
+
+@pytest.mark.parametrize("reward_weight", [0.0, 1.0])
+@pytest.mark.parametrize("divergence", ["topk", "sampled"])
+@pytest.mark.parametrize("teacher_kind", ["remote", "external"])
+def test_topk_and_sampled_distillation_run_in_the_unified_trainer_as_in_opsd(tiny_tokenizer, tmp_path, teacher_kind,
+                                                                             divergence, reward_weight):
+    """One objective: with reward_weight=0 the unified loss is OPSDTrainer's (remote teachers included), dense and
+    chunked; with the reward term on, dense and chunked still agree."""
+    from test_trainer_chunked import _ScoringTeacher
+
+    from trl_opsd import OPSDConfig, OPSDTrainer
+
+    def teacher():
+        model = _model(tiny_tokenizer, seed=2)
+        return _ScoringTeacher(model) if teacher_kind == "remote" else model
+
+    knobs = dict(divergence=divergence, beta=0.0, teacher_top_k=5, kl_clip=0.05 if divergence == "topk" else None)
+    common = dict(per_device_train_batch_size=4, max_steps=1, max_new_tokens=12, report_to="none", use_cpu=True,
+                  bf16=False, save_strategy="no", loss_chunk_size=7, **knobs)
+    rows = _rows(4, score=SCORES)
+    steps = []
+    for chunked in (False, True):
+        args = UnifiedConfig(output_dir=str(tmp_path / str(chunked)), preset="opd", reward_weight=reward_weight,
+                             chunked_loss=chunked, **common)
+        trainer = UnifiedTrainer(model=_model(tiny_tokenizer, seed=1), teacher_model=teacher(), args=args,
+                                 train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer,
+                                 reward_funcs=[column_reward] if reward_weight else None)
+        steps.append(_step(trainer))
+    _assert_same_step(*steps)
+    assert ("reward_term" in steps[1][2]) == (reward_weight > 0) and steps[1][2]["distillation_term"] != 0.0
+    if reward_weight:
+        return
+    opsd = OPSDTrainer(model=_model(tiny_tokenizer, seed=1), teacher_model=teacher(), processing_class=tiny_tokenizer,
+                       args=OPSDConfig(output_dir=str(tmp_path / "opsd"), privileged_from=None, **common),
+                       train_dataset=Dataset.from_list(rows))
+    opsd.model.train()
+    loss, grads, _ = _loss_step(opsd, opsd._attach_completions(opsd.data_collator(rows), "dataset"))
+    torch.testing.assert_close(steps[0][0], loss, atol=1e-6, rtol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(steps[0][1][name], grad, atol=1e-6, rtol=1e-6, msg=name)

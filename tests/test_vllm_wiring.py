@@ -10,6 +10,7 @@ import torch
 import trl.generation.vllm_generation
 from datasets import Dataset
 
+import trl_opsd.forward
 import trl_opsd.trainer
 from harness.arithmetic import generate_problems, problems_to_rows
 from harness.tiny_models import build_tiny_model
@@ -134,7 +135,7 @@ def test_training_runs_on_vllm_rollouts_one_call_per_accumulation_window(tiny_to
     compute_loss = trainer.compute_loss
 
     def recording(model, inputs, **kwargs):
-        prompts = trl_opsd.trainer._unpadded_rows(inputs["prompts"], inputs["prompt_attention_mask"])
+        prompts = trl_opsd.forward.unpadded_rows(inputs["prompts"], inputs["prompt_attention_mask"])
         windows.append((trainer.state.global_step, prompts, inputs["completions"].tolist()))
         return compute_loss(model, inputs, **kwargs)
 

@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 _LAZY = {
+    "Divergence": "trl_opsd.objective",
     "OPSDConfig": "trl_opsd.config",
     "OPSDTrainer": "trl_opsd.trainer",
     "UnifiedConfig": "trl_opsd.unified",

@@ -322,13 +322,6 @@ def topk_bucket_log_probs(
     return student_buckets, teacher_buckets
 
 
-def sparse_topk_forward_kl(
-    student_logits: Tensor, teacher_topk_ids: Tensor, teacher_topk_logprobs: Tensor, temperature: float = 1.0
-) -> Tensor:
-    """Forward KL(p_T || p_S) on the teacher's top-K plus a tail bucket: :func:`sparse_topk_divergence` at beta 0."""
-    return sparse_topk_divergence(student_logits, teacher_topk_ids, teacher_topk_logprobs, 0.0, temperature)
-
-
 class SampledTokenTerms(NamedTuple):
     """Per-position outputs of :func:`sampled_token_reverse_kl`."""
 

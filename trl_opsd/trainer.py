@@ -16,6 +16,11 @@ same meanings. What changes (and why):
   TRL's generation context already disables checkpointing while generating), or runs in vLLM (``use_vllm``).
 - The loss is computed from final hidden states and the LM head a chunk of positions at a time where the models
   allow it (``chunked_loss``), so ``[batch, completion, vocab]`` logits are never held.
+
+One step: the collator lays out each row's student and teacher views; ``get_batch_samples`` draws the window's
+completions; ``compute_loss`` gets the student's and teacher's signals (``trl_opsd.forward``; a remote teacher's
+scores), turns them into per-token terms (``trl_opsd.objective``) and reduces them over the window's generated tokens.
+The teacher is built and checked in ``trl_opsd.teacher_setup``.
 """
 
 from __future__ import annotations
@@ -24,150 +29,46 @@ import dataclasses
 import logging
 import random
 from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
-from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 from trl import SFTTrainer
 from trl.experimental.gkd import GKDConfig, GKDTrainer
 from trl.import_utils import is_vllm_available
-from trl.models import prepare_deepspeed
-from trl.models.utils import prepare_fsdp, unwrap_model_for_generation
-from trl.trainer.callbacks import SyncRefModelCallback
+from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import disable_dropout_in_model, pad
 
-from trl_opsd.chunked import (
-    chunked_per_token_divergence,
-    chunked_sparse_topk_divergence,
-    chunked_teacher_scores,
-    chunked_token_log_probs,
-)
 from trl_opsd.collapse import CollapseGuard
 from trl_opsd.collator import OPSDCollator
 from trl_opsd.config import OPSDConfig
-from trl_opsd.losses import (
-    PointwiseClipped,
-    clip_per_token,
-    per_token_divergence,
-    per_token_entropy,
-    pointwise_clipped_divergence,
-    sampled_token_reverse_kl,
-    sparse_topk_divergence,
-    sparse_topk_pointwise_clipped,
-    token_log_probs,
-)
-from trl_opsd.metrics import divergence_statistics, pointwise_clip_statistics
-from trl_opsd.teachers.base import Teacher
-from trl_opsd.teachers.local import (
-    AdapterDisabledTeacher,
-    LiveTeacher,
-    LocalTeacher,
-    ModelTeacher,
-    check_same_tokenizer,
+from trl_opsd.forward import (
+    HeadInputs,
+    completion_head_inputs,
     completion_logits,
-    frozen_copy,
-    position_ids_from_mask,
+    plain_output_head,
+    unpadded_rows,
 )
+from trl_opsd.metrics import divergence_statistics
+from trl_opsd.objective import Divergence, TokenTerms, token_terms, window_token_mean
+from trl_opsd.teacher_setup import build_teacher
+from trl_opsd.vllm_rollouts import vllm_generation
+from trl_opsd.teachers.base import TopKScores
 
 logger = logging.getLogger(__name__)
 
 
-def as_opsd_config(args: GKDConfig | None, model_name: str = "opsd") -> OPSDConfig:
-    """``args`` as an ``OPSDConfig``: a plain ``GKDConfig`` keeps all its values and gets our defaults."""
+def as_config(args: GKDConfig | None, config_class: type, model: nn.Module | str | None, name: str):
+    """``args`` as a ``config_class``: a plain ``GKDConfig`` (or a parent config) keeps all its values and gets the
+    class's defaults for the rest; ``None`` gets the defaults, with ``output_dir`` ``<model name>-<name>``."""
     if args is None:
-        return OPSDConfig(output_dir=f"{model_name.split('/')[-1]}-OPSD")
-    if isinstance(args, OPSDConfig):
+        model_name = model if isinstance(model, str) else name.lower()
+        return config_class(output_dir=f"{model_name.split('/')[-1]}-{name}")
+    if isinstance(args, config_class):
         return args
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
-    return OPSDConfig(**values)
-
-
-class HeadInputs(NamedTuple):
-    """What the chunked loss takes instead of logits: final hidden states and the LM head that projects them."""
-
-    hidden: torch.Tensor  # [B, T, H]: position t's projection predicts completion token t
-    weight: torch.Tensor  # [V, H]
-    bias: torch.Tensor | None
-
-
-class ChunkedTerms(NamedTuple):
-    """Per-position outputs of the chunked loss, all [B, T] and 0 at masked-out positions."""
-
-    per_token_loss: torch.Tensor  # to reduce
-    divergence: torch.Tensor  # to log
-    student_entropy: torch.Tensor
-    teacher_entropy: torch.Tensor | None  # None for remote teachers
-
-
-# Teachers whose logits are their module's own forward (the module comes from ``generation_model``).
-CHUNKABLE_TEACHERS = (ModelTeacher, AdapterDisabledTeacher, LiveTeacher)
-
-
-def plain_output_head(module: nn.Module) -> nn.Linear | None:
-    """The LM head if, as far as the config tells, logits are just ``head(last hidden state)``; else None.
-
-    None for soft-capped logits and for heads that are not a plain ``nn.Linear`` (a PEFT adapter on the head, a
-    quantised head), whose ``weight`` alone does not give the logits.
-    """
-    config = getattr(module, "config", None)
-    if config is None or getattr(config.get_text_config(), "final_logit_softcapping", None) is not None:
-        return None
-    get_head = getattr(module, "get_output_embeddings", None)
-    head = get_head() if get_head is not None else None
-    return head if type(head) is nn.Linear else None
-
-
-@torch.no_grad()
-def _head_reproduces_logits(head: nn.Linear, hidden: torch.Tensor, logits: torch.Tensor) -> bool:
-    """Whether ``head(hidden)`` equals the model's own ``logits``: catches logit scales the config hides."""
-    recomputed = F.linear(hidden.to(head.weight.dtype), head.weight, head.bias).float()
-    logits = logits.float()
-    # A few ulps of the head's dtype relative to the largest logit: matmuls of other shapes round differently.
-    largest = logits.abs().nan_to_num(nan=0.0, posinf=0.0).max().clamp(min=1.0)
-    tolerance = 8 * torch.finfo(head.weight.dtype).eps * largest.item()
-    return bool(torch.isclose(recomputed, logits, rtol=0.0, atol=tolerance, equal_nan=True).all())
-
-
-def completion_head_inputs(
-    model: nn.Module, head: nn.Linear, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_len: int
-) -> HeadInputs | None:
-    """The final hidden states predicting each of the last ``completion_len`` tokens, unprojected.
-
-    Runs the model's own forward (so DDP, PEFT and gradient checkpointing see a normal call) with only the last
-    position projected; that one logit row checks the head. None when the model's logits are not ``head(hidden)``.
-    """
-    outputs = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        logits_to_keep=1,
-        output_hidden_states=True,
-        use_cache=False,
-    )
-    final_hidden = outputs.hidden_states[-1].to(head.weight.device)
-    if not _head_reproduces_logits(head, final_hidden[:, -1], outputs.logits[:, -1]):
-        return None
-    return HeadInputs(final_hidden[:, -completion_len - 1 : -1], head.weight, head.bias)
-
-
-def _unpadded_rows(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
-    return [row[keep.bool()].tolist() for row, keep in zip(ids, mask)]
-
-
-class _EMATeacherCallback(SyncRefModelCallback):
-    """After every optimizer step: teacher <- decay * teacher + (1 - decay) * student."""
-
-    def __init__(self, teacher_model: nn.Module, decay: float, accelerator):
-        super().__init__(ref_model=teacher_model, accelerator=accelerator)
-        self.decay = decay
-
-    def on_step_end(self, args, state, control, **kwargs):
-        model = self.accelerator.unwrap_model(kwargs["model"])
-        self.sync_target_model(model, self.ref_model, 1.0 - self.decay)
+    return config_class(**values)
 
 
 class OPSDTrainer(GKDTrainer):
@@ -175,6 +76,7 @@ class OPSDTrainer(GKDTrainer):
 
     _tag_names = ["trl", "gkd", "opsd"]
     _name = "OPSD"
+    config_class = OPSDConfig
 
     def __init__(
         self,
@@ -193,7 +95,7 @@ class OPSDTrainer(GKDTrainer):
         formatting_func: Callable | None = None,
         teacher_processing_class: PreTrainedTokenizerBase | None = None,
     ):
-        args = as_opsd_config(args, model if isinstance(model, str) else "opsd")
+        args = as_config(args, self.config_class, model, self._name)
         if args.use_vllm and not is_vllm_available():
             raise ImportError(
                 "use_vllm=True (OPSDConfig.use_vllm) samples student rollouts with vLLM, which is not installed: "
@@ -253,106 +155,30 @@ class OPSDTrainer(GKDTrainer):
             "eos_token_id": self.model.generation_config.eos_token_id or processing_class.eos_token_id,
         }
         self.generation_config = GenerationConfig(**self.generation_kwargs)
+        self.divergence = Divergence.from_config(args)
         self.teacher, self.teacher_model = self._build_teacher(teacher_model, teacher_processing_class)
         self._dense_loss_reason = self._why_dense_loss()
         if args.chunked_loss and self._dense_loss_reason is not None:
             logger.info("chunked_loss: using the dense loss, because %s", self._dense_loss_reason)
-        self.vllm_generation = self._build_vllm_generation() if args.use_vllm else None
+        self.vllm_generation = (
+            vllm_generation(args, self.model, self.accelerator, self.processing_class) if args.use_vllm else None
+        )
         self._vllm_synced_step = -1
         if args.collapse_guard != "off":
             self.add_callback(CollapseGuard(args.collapse_guard, max_completion_length=args.max_new_tokens))
 
     # -- construction ---------------------------------------------------------------------------
-    def _prepare_frozen(self, module: nn.Module) -> nn.Module:
-        """Place (and shard) a frozen teacher module the way TRL's trainers place their reference models.
-
-        Under FSDP, ``accelerator.prepare_model(module, evaluation_mode=True)`` neither wraps the module (evaluation
-        mode skips wrapping) nor moves it (device placement is off under FSDP): it would stay on the CPU while the
-        student runs sharded on the GPUs. TRL's ``prepare_fsdp`` shards it with the student's FSDP settings instead.
-        """
-        if self.is_deepspeed_enabled:
-            return prepare_deepspeed(module, self.accelerator)
-        if self.is_fsdp_enabled:
-            meta = next((name for name, p in module.named_parameters() if p.is_meta), None)
-            if meta is not None:
-                raise ValueError(
-                    f"under FSDP the teacher's parameter {meta!r} is on the meta device on process "
-                    f"{self.accelerator.process_index}: with fsdp_cpu_ram_efficient_loading: true, transformers loads "
-                    "weights on the first process only and FSDP broadcasts them into the student, never into a "
-                    "separate teacher (or a frozen copy of the student made before that). Set "
-                    "fsdp_cpu_ram_efficient_loading: false in the accelerate config, or use_peft: true (the "
-                    "adapter-disabled self-teacher has no weights of its own)"
-                )
-            return prepare_fsdp(module, self.accelerator)
-        return self.accelerator.prepare_model(module, evaluation_mode=True)
-
-    def _check_fsdp_support(self) -> None:
-        """Refuse, at construction, the FSDP setups that would fail (or hang) at the first rollout or step."""
-        if not self.is_fsdp_enabled:
-            return
-        version = self.accelerator.state.fsdp_plugin.fsdp_version
-        if version != 2:
-            raise ValueError(
-                f"FSDP{version} cannot run OPSDTrainer: rollouts are sampled from (and a self-teacher runs on) "
-                "accelerator.unwrap_model(model), outside the root FSDP1 unit, whose flat parameters (embeddings, "
-                "lm_head) stay sharded there; TRL's unwrap_model_for_generation gathers only DeepSpeed ZeRO-3 "
-                "parameters. Set fsdp_version: 2 (accelerate_configs/fsdp.yaml) or use DeepSpeed"
-            )
-
-    def _check_ema_under_fsdp(self) -> None:
-        if self.is_fsdp_enabled:
-            raise ValueError(
-                "self_teacher='ema' (OPSDConfig.self_teacher) is not supported under FSDP: the EMA update "
-                "(TRL's SyncRefModelCallback) gathers parameters for DeepSpeed ZeRO-3 only, and the student's and "
-                "teacher's FSDP shards are not synchronised here. Use self_teacher='frozen' or 'live', an external "
-                "teacher_model, or launch the EMA teacher with DeepSpeed (accelerate_configs/deepspeed_zero2.yaml / "
-                "deepspeed_zero3.yaml)"
-            )
-
     def _build_teacher(self, teacher_model, teacher_processing_class):
-        """(teacher backend, teacher nn.Module or None) for the configured kind of teacher."""
-        args = self.args
-        self._check_fsdp_support()
-        if isinstance(teacher_model, Teacher) and not isinstance(teacher_model, LocalTeacher):
-            return self._check_remote_teacher(teacher_model), None
-        if teacher_model is None:
-            if is_peft_model(self.model):
-                if args.self_teacher == "ema":
-                    raise ValueError(
-                        "self_teacher='ema' is not supported with PEFT; use 'frozen' (adapters disabled, no extra "
-                        "weights) or 'live'"
-                    )
-                return (AdapterDisabledTeacher() if args.self_teacher == "frozen" else LiveTeacher()), None
-            if args.self_teacher == "live":
-                return LiveTeacher(), None
-            if args.self_teacher == "ema":
-                self._check_ema_under_fsdp()
-            teacher = self._prepare_frozen(frozen_copy(self.model))
-            if args.self_teacher == "ema":
-                self.add_callback(_EMATeacherCallback(teacher, args.teacher_ema_decay, self.accelerator))
-            return ModelTeacher(teacher, name=f"self ({args.self_teacher})"), teacher
-
-        if isinstance(teacher_model, str):
-            init_kwargs = dict(args.teacher_model_init_kwargs or {})
-            init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-            if isinstance(init_kwargs.get("dtype"), str) and init_kwargs["dtype"] != "auto":
-                init_kwargs["dtype"] = getattr(torch, init_kwargs["dtype"])
-            if teacher_processing_class is None:
-                teacher_processing_class = AutoTokenizer.from_pretrained(teacher_model)
-            teacher_model = AutoModelForCausalLM.from_pretrained(teacher_model, **init_kwargs)
-        elif args.teacher_model_init_kwargs is not None:
-            raise ValueError("teacher_model_init_kwargs was given but teacher_model is already instantiated")
-        if teacher_processing_class is not None:
-            check_same_tokenizer(self.processing_class, teacher_processing_class)
-        student_vocab = self.model.config.get_text_config().vocab_size
-        teacher_vocab = teacher_model.config.get_text_config().vocab_size
-        if student_vocab != teacher_vocab:
-            raise ValueError(
-                f"the student's vocab_size is {student_vocab} but the teacher's is {teacher_vocab}; dense "
-                "per-token divergences need a shared vocabulary"
-            )
-        teacher_model = self._prepare_frozen(teacher_model)
-        return ModelTeacher(teacher_model, name="external"), teacher_model
+        """(teacher backend, its own placed nn.Module or None) for the configured kind of teacher."""
+        fsdp_version = self.accelerator.state.fsdp_plugin.fsdp_version if self.is_fsdp_enabled else None
+        setup = build_teacher(
+            teacher_model, self.args, student=self.model, processing_class=self.processing_class,
+            accelerator=self.accelerator, teacher_processing_class=teacher_processing_class,
+            deepspeed=self.is_deepspeed_enabled, fsdp_version=fsdp_version,
+        )
+        for callback in setup.callbacks:
+            self.add_callback(callback)
+        return setup.teacher, setup.module
 
     def _why_dense_loss(self) -> str | None:
         """Why the chunked loss cannot run with this model and teacher (None: it can)."""
@@ -361,65 +187,20 @@ class OPSDTrainer(GKDTrainer):
         zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
         if self.is_fsdp_enabled or zero3:
             return "the LM head is sharded outside the forward (FSDP / DeepSpeed ZeRO-3)"
-        if isinstance(self.teacher, LocalTeacher) and not isinstance(self.teacher, CHUNKABLE_TEACHERS):
-            return f"the teacher {self.teacher!r} only gives logits"
-        modules = [self.model] + ([self.teacher.model] if isinstance(self.teacher, ModelTeacher) else [])
+        teacher_module = None
+        if self._local_teacher:
+            if not self.teacher.gives_hidden_states:
+                return f"the teacher {self.teacher!r} only gives logits"
+            teacher_module = self.teacher.own_model()
+        modules = [self.model] + ([teacher_module] if teacher_module is not None else [])
         if any(plain_output_head(self.accelerator.unwrap_model(module)) is None for module in modules):
             return "a model has no plain linear LM head (soft-capped logits, an adapter or quantisation on the head)"
         return None
 
-    def _build_vllm_generation(self):
-        """TRL's vLLM backend (the one ``DistillationTrainer`` uses) for student rollouts, from the ``vllm_*`` knobs."""
-        from trl.generation.vllm_generation import VLLMGeneration
-
-        args = self.args
-        return VLLMGeneration(
-            model=self.model,
-            accelerator=self.accelerator,
-            processing_class=self.processing_class,
-            mode=args.vllm_mode,
-            server_base_url=args.vllm_server_base_url,
-            server_host=args.vllm_server_host,
-            server_port=args.vllm_server_port,
-            group_port=args.vllm_group_port,
-            server_timeout=args.vllm_server_timeout,
-            tensor_parallel_size=args.vllm_tensor_parallel_size,
-            gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-            max_model_length=args.vllm_max_model_length,
-            # One call per accumulation window (see get_batch_samples), gathered across the tensor-parallel group.
-            max_num_seqs=(args.per_device_train_batch_size * args.gradient_accumulation_steps
-                          * args.vllm_tensor_parallel_size),
-            enable_sleep_mode=args.vllm_enable_sleep_mode,
-            model_impl=args.vllm_model_impl,
-            trust_remote_code=args.trust_remote_code,
-            # The same sampler as the transformers path: the policy itself at `temperature`, no truncation.
-            temperature=args.temperature,
-            top_p=1.0,
-            top_k=0,
-            min_p=0.0,
-            repetition_penalty=1.0,
-            max_completion_length=args.max_new_tokens,
-            logprobs=None,
-        )
-
-    def _check_remote_teacher(self, teacher: Teacher) -> Teacher:
-        """Fail now, not at step 1, if a remote teacher cannot give what the configured loss needs."""
-        args = self.args
-        if args.divergence == "full":
-            raise ValueError(
-                f"divergence='full' needs the teacher's dense logits, but {teacher!r} is a remote teacher; set "
-                "divergence='topk' (top-k log-probs + tail bucket) or divergence='sampled' (sampled-token reverse KL)"
-            )
-        teacher.require("topk" if args.divergence == "topk" else "sampled",
-                        top_k=args.teacher_top_k if args.divergence == "topk" else None)
-        if args.loss_temperature != 1.0:
-            raise ValueError("remote teachers return log-probs at temperature 1.0; set loss_temperature=1.0")
-        if args.seq_kd and args.lmbda < 1.0:
-            raise ValueError(
-                "seq_kd samples from an in-process teacher; with a remote teacher generate the data offline "
-                "(`trl-opsd rs-sft`) and train on it as dataset completions"
-            )
-        return teacher
+    @property
+    def _local_teacher(self) -> bool:
+        """Whether the teacher runs in process and gives dense logits (else: remote, or no teacher)."""
+        return self.teacher is not None and self.teacher.gives_dense_logits
 
     # -- rollouts -----------------------------------------------------------------------------
     def _completion_source(self) -> str:
@@ -450,7 +231,7 @@ class OPSDTrainer(GKDTrainer):
         if self._vllm_synced_step != self.state.global_step:
             self.vllm_generation.sync_weights()
             self._vllm_synced_step = self.state.global_step
-        prompts = [row for b in batches for row in _unpadded_rows(b["prompts"], b["prompt_attention_mask"])]
+        prompts = [row for b in batches for row in unpadded_rows(b["prompts"], b["prompt_attention_mask"])]
         _, completion_ids, _, _ = self.vllm_generation.generate(prompts=prompts, images=None, num_generations=1)
         start = 0
         for batch in batches:
@@ -527,7 +308,7 @@ class OPSDTrainer(GKDTrainer):
         """
         num_completion = inputs["completions"].shape[1]
         student_logits = completion_logits(model, *self._sequences(inputs, "student"), num_completion)
-        if not isinstance(self.teacher, LocalTeacher):
+        if not self._local_teacher:
             return student_logits, None
         student_module = self.accelerator.unwrap_model(model)
         teacher_ids, teacher_mask = self._sequences(inputs, "teacher")
@@ -555,155 +336,65 @@ class OPSDTrainer(GKDTrainer):
         student_head = plain_output_head(student_module)
         student = completion_head_inputs(model, student_head, *self._sequences(inputs, "student"), num_completion)
         teacher = None
-        if student is not None and isinstance(self.teacher, LocalTeacher):
-            # The module the teacher runs as: its own model, or the student with adapters off / as it is now.
-            with torch.no_grad(), self.teacher.generation_model(student_module) as teacher_module:
-                teacher_head = plain_output_head(self.accelerator.unwrap_model(teacher_module))
-                teacher_ids, teacher_mask = self._sequences(inputs, "teacher")
-                teacher = completion_head_inputs(
-                    teacher_module, teacher_head, teacher_ids, teacher_mask, num_completion
-                )
-        if student is None or (isinstance(self.teacher, LocalTeacher) and teacher is None):
+        if student is not None and self._local_teacher:
+            teacher_ids, teacher_mask = self._sequences(inputs, "teacher")
+            teacher = self.teacher.completion_head_inputs(
+                student_module, teacher_ids, teacher_mask, num_completion, unwrap=self.accelerator.unwrap_model
+            )
+        if student is None or (self._local_teacher and teacher is None):
             self._dense_loss_reason = "a model's logits are not its LM head applied to its last hidden state"
             logger.info("chunked_loss: using the dense loss from now on, because %s", self._dense_loss_reason)
             return None
         return student, teacher
 
-    def token_sum_to_loss(self, per_token: torch.Tensor, mask: torch.Tensor, num_items_in_batch) -> torch.Tensor:
-        """Sum over unmasked completion tokens / generated tokens in the accumulation window (all ranks)."""
-        denominator = num_items_in_batch if num_items_in_batch is not None else mask.sum()
-        total = torch.where(mask, per_token, torch.zeros_like(per_token)).sum()
-        loss = total / torch.as_tensor(denominator, device=total.device).clamp(min=1)
-        if self.args.average_tokens_across_devices and self.args.world_size > 1 and num_items_in_batch is not None:
-            loss = loss * self.accelerator.num_processes  # DDP averages gradients over ranks
-        return loss
+    def completion_signals(self, model, inputs, dense: bool = False):
+        """(student signal, teacher signal) for :func:`trl_opsd.objective.token_terms`: hidden states and LM heads
+        where the chunked loss runs, else logits (always with ``dense``); a remote teacher's scores either way; None
+        for the teacher when there is none."""
+        views = None if dense else self.chunked_completion_views(model, inputs)
+        student, teacher = views if views is not None else self.completion_views(model, inputs)
+        if self.teacher is not None and not self._local_teacher:
+            teacher = self._remote_scores(inputs)
+        return student, teacher
 
-    def _remote_scores(self, inputs, k: int):
+    def _remote_scores(self, inputs) -> TopKScores:
         """Teacher top-k / sampled-token log-probs of the batch's completions, from a remote teacher."""
         scores = self.teacher.score_topk(
-            _unpadded_rows(inputs["teacher_prompts"], inputs["teacher_prompt_attention_mask"]),
-            _unpadded_rows(inputs["completions"], inputs["completion_mask"]),
-            k,
+            unpadded_rows(inputs["teacher_prompts"], inputs["teacher_prompt_attention_mask"]),
+            unpadded_rows(inputs["completions"], inputs["completion_mask"]),
+            self.divergence.top_k,  # 0: the sampled tokens' log-probs only
         )
         return scores.to(inputs["completions"].device).pad_to(inputs["completions"].shape[1])
 
-    def distillation_terms(self, student_logits, teacher_logits, inputs):
-        """(per-token loss to reduce, per-token divergence to log), both [B, T], for ``args.divergence``.
+    def window_mean(self, per_token: torch.Tensor, mask: torch.Tensor, num_in_window) -> torch.Tensor:
+        """Sum over ``mask`` / ``num_in_window`` (the window's count on all ranks; None: this micro-batch's)."""
+        across_ranks = self.args.average_tokens_across_devices and self.args.world_size > 1
+        return window_token_mean(per_token, mask, num_in_window, self.accelerator.num_processes if across_ranks else 1)
 
-        - ``full``: generalized JSD(beta) over the vocabulary, then the per-token clip.
-        - ``topk``: the same on the teacher's top-k plus a tail bucket (dense teachers: their own top-k).
-        - ``sampled``: the policy-gradient surrogate of reverse KL on the sampled token; the logged value
-          is the estimate ``log p_S(y) - log p_T(y)``, not the surrogate.
-        """
-        args, tau = self.args, self.args.loss_temperature
-        pointwise_cap = self._pointwise_cap()
-        if args.divergence == "full" and pointwise_cap is not None:
-            clip = pointwise_clipped_divergence(student_logits, teacher_logits, self.beta, pointwise_cap, tau)
-            self._record_pointwise_clip(clip, inputs, student_logits.size(-1))
-            return clip.values, clip.unclipped
-        if args.divergence == "full":
-            divergence = per_token_divergence(student_logits, teacher_logits, self.beta, tau)
-        elif args.divergence == "topk":
-            if teacher_logits is not None:
-                topk_logprobs, topk_ids = torch.log_softmax(teacher_logits / tau, -1).topk(args.teacher_top_k, -1)
-            else:
-                scores = self._remote_scores(inputs, args.teacher_top_k)
-                topk_ids, topk_logprobs = scores.topk_ids, scores.topk_logprobs
-            if pointwise_cap is not None:
-                clip = sparse_topk_pointwise_clipped(
-                    student_logits, topk_ids, topk_logprobs, self.beta, pointwise_cap, tau
-                )
-                self._record_pointwise_clip(clip, inputs, topk_ids.size(-1) + 1)
-                return clip.values, clip.unclipped
-            divergence = sparse_topk_divergence(student_logits, topk_ids, topk_logprobs, self.beta, tau)
-        else:
-            completions = inputs["completions"]
-            student_logprobs = token_log_probs(student_logits, completions, tau)
-            if teacher_logits is not None:
-                teacher_logprobs = token_log_probs(teacher_logits, completions, tau)
-            else:
-                teacher_logprobs = self._remote_scores(inputs, 0).sampled_logprobs
-            terms = sampled_token_reverse_kl(student_logprobs, teacher_logprobs, ratio_cap=args.sampled_ratio_cap)
-            return terms.surrogate, terms.kl_estimate
-        return clip_per_token(divergence, args.kl_clip, args.kl_clip_mode), divergence
+    def loss_terms(self, student, teacher, inputs, mask, num_items_in_batch) -> tuple[torch.Tensor, TokenTerms]:
+        """(this micro-batch's loss, its per-token terms): the objective's per-token loss over the window's generated
+        tokens. The one hook a subclass extends to add terms (``UnifiedTrainer``: its reward term)."""
+        terms = token_terms(self.divergence, student, teacher, inputs["completions"], mask,
+                            chunk_size=self.args.loss_chunk_size)
+        return self.window_mean(terms.per_token_loss, mask, num_items_in_batch), terms
 
-    def chunked_distillation_terms(self, student: HeadInputs, teacher: HeadInputs | None, inputs, mask) -> ChunkedTerms:
-        """:meth:`distillation_terms` from hidden states, a chunk of positions at a time: the same values and
-        gradients (clipping acts per position, after the chunks), plus both entropies for the metrics."""
-        args, tau = self.args, self.args.loss_temperature
-        student_side = {"mask": mask, "chunk_size": args.loss_chunk_size, "student_bias": student.bias,
-                        "pointwise_cap": self._pointwise_cap()}
-        if args.divergence == "full":
-            out = chunked_per_token_divergence(
-                student.hidden, student.weight, teacher.hidden, teacher.weight, self.beta, tau,
-                teacher_bias=teacher.bias, **student_side,
-            )
-            per_token_loss, divergence = self._chunked_clip(out, inputs, student.weight.size(0))
-            return ChunkedTerms(per_token_loss, divergence, out.student_entropy, out.teacher_entropy)
-        scores, teacher_entropy = self._teacher_token_scores(teacher, inputs, mask)
-        if args.divergence == "topk":
-            out = chunked_sparse_topk_divergence(
-                student.hidden, student.weight, scores.topk_ids, scores.topk_logprobs, self.beta, tau, **student_side
-            )
-            per_token_loss, divergence = self._chunked_clip(out, inputs, scores.topk_ids.size(-1) + 1)
-            return ChunkedTerms(per_token_loss, divergence, out.student_entropy, teacher_entropy)
-        student_side.pop("pointwise_cap")  # refused with divergence="sampled" (OPSDConfig)
-        out = chunked_token_log_probs(student.hidden, student.weight, inputs["completions"], tau, **student_side)
-        terms = sampled_token_reverse_kl(out.values, scores.sampled_logprobs, ratio_cap=args.sampled_ratio_cap)
-        return ChunkedTerms(terms.surrogate, terms.kl_estimate, out.student_entropy, teacher_entropy)
-
-    def _pointwise_cap(self) -> float | None:
-        """The cap of ``kl_clip_mode="pointwise"`` (each vocabulary entry's term, before the sum), else None."""
-        return self.args.kl_clip if self.args.kl_clip_mode == "pointwise" else None
-
-    def _chunked_clip(self, out, inputs, entries_per_position: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(per-token loss, divergence to log) from a chunked output: the pointwise clip happened inside the chunks,
-        the per-token clips (clamp, scale) act here."""
-        if out.clip is not None:
-            self._record_pointwise_clip(out.clip, inputs, entries_per_position)
-            return out.values, out.clip.unclipped
-        return clip_per_token(out.values, self.args.kl_clip, self.args.kl_clip_mode), out.values
-
-    @torch.no_grad()
-    def _record_pointwise_clip(self, clip: PointwiseClipped, inputs, entries_per_position: int) -> None:
-        metrics = self._metrics["train" if self.model.training else "eval"]
-        for name, value in pointwise_clip_statistics(clip, inputs["completion_mask"], entries_per_position).items():
-            metrics[name].append(value)
-
-    def _teacher_token_scores(self, teacher: HeadInputs | None, inputs, mask):
-        """(top-k / sampled-token scores, teacher entropy or None) for ``divergence`` topk or sampled."""
-        k = self.args.teacher_top_k if self.args.divergence == "topk" else 0
-        if teacher is None:
-            return self._remote_scores(inputs, k), None
-        scores = chunked_teacher_scores(
-            teacher.hidden, teacher.weight, self.args.loss_temperature, top_k=k,
-            token_ids=None if k else inputs["completions"], mask=mask, chunk_size=self.args.loss_chunk_size,
-            bias=teacher.bias,
-        )
-        return scores, scores.entropy
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def _loss_inputs(self, model, inputs) -> tuple[dict, torch.Tensor]:
+        """(the micro-batch with completions, the mask of the positions the loss counts)."""
         if "completion_source" not in inputs:  # evaluation: dataset completions if present, else student samples
             inputs = self._attach_completions(inputs, "dataset" if "completions" in inputs else "student")
-        mask = inputs["completion_mask"].bool()
-        views = None if return_outputs else self.chunked_completion_views(model, inputs)  # return_outputs: logits
-        if views is not None:
-            return self._chunked_loss(views, inputs, mask, num_items_in_batch)
-        student_logits, teacher_logits = self.completion_views(model, inputs)
-        per_token_loss, divergence = self.distillation_terms(student_logits, teacher_logits, inputs)
-        loss = self.token_sum_to_loss(per_token_loss, mask, num_items_in_batch)
-        loss = self._check_finite(loss, student_logits, teacher_logits, divergence)
-        self._record_metrics(inputs, divergence, mask, student_logits, teacher_logits)
-        return (loss, {"logits": student_logits}) if return_outputs else loss
+        return inputs, inputs["completion_mask"].bool()
 
-    def _chunked_loss(self, views, inputs, mask, num_items_in_batch):
-        terms = self.chunked_distillation_terms(*views, inputs, mask)
-        loss = self.token_sum_to_loss(terms.per_token_loss, mask, num_items_in_batch)
-        # Without logits, a non-finite logit shows up as a non-finite entropy at its position.
-        loss = self._check_finite(loss, terms.student_entropy, terms.teacher_entropy, terms.divergence)
-        teacher_entropy = terms.teacher_entropy[mask] if terms.teacher_entropy is not None else None
-        self._record_token_metrics(inputs, terms.divergence, mask, terms.student_entropy[mask], teacher_entropy)
-        return loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs, mask = self._loss_inputs(model, inputs)
+        student, teacher = self.completion_signals(model, inputs, dense=return_outputs)  # return_outputs: logits
+        loss, terms = self.loss_terms(student, teacher, inputs, mask, num_items_in_batch)
+        if isinstance(student, HeadInputs):  # without logits, a non-finite logit shows up as a non-finite entropy
+            checked = (terms.student_entropy, terms.teacher_entropy)
+        else:
+            checked = (student, teacher if torch.is_tensor(teacher) else None)
+        loss = self._check_finite(loss, *checked, terms.divergence)
+        self._record_token_metrics(inputs, terms, mask)
+        return (loss, {"logits": student}) if return_outputs else loss
 
     def _check_finite(self, loss, student_logits, teacher_logits, divergence):
         if torch.isfinite(loss):
@@ -722,26 +413,21 @@ class OPSDTrainer(GKDTrainer):
         return student_logits.new_zeros((), requires_grad=True)
 
     @torch.no_grad()
-    def _record_metrics(self, inputs, divergence, mask, student_logits, teacher_logits):
-        tau = self.args.loss_temperature
-        student_entropy = per_token_entropy(student_logits[mask], tau)
-        teacher_entropy = per_token_entropy(teacher_logits[mask], tau) if teacher_logits is not None else None
-        self._record_token_metrics(inputs, divergence, mask, student_entropy, teacher_entropy)
-
-    @torch.no_grad()
-    def _record_token_metrics(self, inputs, divergence, mask, student_entropy, teacher_entropy):
-        """Log a micro-batch's statistics; the entropies are those at the unmasked positions, [N]."""
+    def _record_token_metrics(self, inputs, terms: TokenTerms, mask):
+        """Log a micro-batch's statistics: the divergence's and the entropies' at the unmasked positions."""
         mode = "train" if self.model.training else "eval"
         metrics = self._metrics[mode]
-        if divergence is not None:
-            # The pointwise clip logs its own clipped_fraction (of vocabulary entries): _record_pointwise_clip.
-            per_token_cap = None if self._pointwise_cap() is not None else self.args.kl_clip
-            for name, value in divergence_statistics(divergence, mask, per_token_cap).items():
+        if terms.divergence is not None:
+            # The pointwise clip logs its own clipped_fraction (of vocabulary entries), in terms.clip_metrics.
+            per_token_cap = None if self.divergence.clip_mode == "pointwise" else self.divergence.clip
+            for name, value in divergence_statistics(terms.divergence, mask, per_token_cap).items():
                 metrics[name].append(value)
+        for name, value in (terms.clip_metrics or {}).items():
+            metrics[name].append(value)
         if mask.any():
-            metrics["student_entropy"].append(student_entropy.mean().item())
-            if teacher_entropy is not None:
-                metrics["teacher_entropy"].append(teacher_entropy.mean().item())
+            metrics["student_entropy"].append(terms.student_entropy[mask].mean().item())
+            if terms.teacher_entropy is not None:
+                metrics["teacher_entropy"].append(terms.teacher_entropy[mask].mean().item())
         metrics["completion_length"].append(mask.sum(1).float().mean().item())
         metrics["on_policy_fraction"].append(float(inputs.get("completion_source") == "student"))
         metrics["truncated_teacher_prompts"].append(float(inputs["num_truncated_teacher_prompts"].sum()))

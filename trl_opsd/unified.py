@@ -25,16 +25,23 @@ gradient of the sampling policy.
 | `opsd`       | 1     | 1      | self         | student | None    | (DESIGN.md: 1.0, see below) |
 | `kd`         | 0     | 1      | external     | dataset | None    | distillation_loss=hinton |
 
-DESIGN.md's table gives `opsd` a clip of 1.0 (the seed notebook's). Measured on the arithmetic world (150 steps,
-300 paired held-out problems, start 65): with the clip (clamp) the preset reached 78 (McNemar p = 0.08),
-without it 105 (p = 1e-5), so the preset leaves the clip off; pass ``kl_clip=1.0`` for the notebook's setting.
+DESIGN.md's table gives `opsd` a clip of 1.0 (the seed notebook's); the preset leaves the clip off because it did
+better without it on the arithmetic world (README, "Status"); pass ``kl_clip=1.0`` for the notebook's setting.
 
 ``kd`` replaces D by Hinton's loss on dataset completions, ``hinton_alpha * T^2 * KL(p_T || p_S) +
 (1 - hinton_alpha) * CE`` with ``T = loss_temperature`` and the completion token as the CE target.
 
-As in ``OPSDTrainer``, ``chunked_loss`` (the default) computes D and R's log-probabilities from final hidden states and
-the LM heads a chunk of positions at a time, never holding ``[batch, completion, vocab]`` logits; Hinton's loss, and
-whatever ``OPSDTrainer`` cannot chunk, use the dense logits (said once in an info log).
+D is :func:`trl_opsd.objective.token_terms` for ``divergence`` (``full``, ``topk`` or ``sampled``, with an in-process
+or a remote teacher), exactly as in ``OPSDTrainer``; this trainer adds R through ``OPSDTrainer.loss_terms``. As there,
+``chunked_loss`` (the default) computes D and R's log-probabilities from final hidden states and the LM heads a chunk
+of positions at a time, never holding ``[batch, completion, vocab]`` logits; Hinton's loss, and whatever
+``OPSDTrainer`` cannot chunk, use the dense logits (said once in an info log).
+
+Why R is not folded into a per-token advantage ``alpha * (r - b) + lambda * (log p_T - log p_S)`` (tinker's framing):
+R is normalised per sequence (``mean_t``, then over the window's sequences) and D per token, so one advantage would
+change R's weight per token and the presets' measured behaviour. With ``divergence='sampled'`` D already is the
+per-token advantage ``log p_T - log p_S`` times ``log p_S``, so sampled-token OPD and remote teachers run here as
+they do in ``OPSDTrainer``.
 """
 
 from __future__ import annotations
@@ -43,18 +50,15 @@ import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 from trl.experimental.gkd import GKDConfig
 
-from trl_opsd.chunked import chunked_teacher_scores, chunked_token_log_probs
 from trl_opsd.config import OPSDConfig, _check_choice
 from trl_opsd.geometry import GeometryRecorder
-from trl_opsd.losses import hinton_kd_loss, per_token_entropy, token_log_probs
-from trl_opsd.teachers.base import Teacher
-from trl_opsd.teachers.local import LocalTeacher
-from trl_opsd.trainer import HeadInputs, OPSDTrainer
+from trl_opsd.losses import hinton_kd_loss
+from trl_opsd.objective import TokenTerms, dense_entropy, sampled_log_probs, student_entropy, token_terms
+from trl_opsd.trainer import OPSDTrainer, as_config
 
 TEACHER_KINDS = ("external", "self", "none")
 SAMPLERS = ("student", "teacher", "dataset")
@@ -198,9 +202,8 @@ class UnifiedConfig(OPSDConfig):
             raise ValueError(f"num_generations={self.num_generations} with {d('sampler')} would repeat identical rows")
         if self.distillation_loss == "hinton" and self.kl_clip is not None:
             raise ValueError(f"{d('kl_clip')} does not apply to {d('distillation_loss')}")
-        # Both distillation losses read the teacher's whole distribution (Hinton's soft term included).
-        if self.divergence != "full":
-            raise ValueError(f"the unified trainer compares whole distributions: divergence must be 'full', got "
+        if self.distillation_loss == "hinton" and self.divergence != "full":
+            raise ValueError(f"{d('distillation_loss')} compares whole distributions: divergence must be 'full', got "
                              f"{self.divergence!r}")
         if kind == "none":
             if lam > 0:
@@ -211,16 +214,6 @@ class UnifiedConfig(OPSDConfig):
         elif kind is not None and lam == 0 and sampler != "teacher":
             raise ValueError(f"{d('teacher_kind')} builds a teacher that {d('distillation_weight')} and "
                              f"{d('sampler')} never use; set teacher_kind='none'")
-
-
-def as_unified_config(args: GKDConfig | None, model_name: str = "unified") -> UnifiedConfig:
-    """``args`` as a ``UnifiedConfig``: a plain ``GKDConfig`` / ``OPSDConfig`` keeps all its values."""
-    if args is None:
-        return UnifiedConfig(output_dir=f"{model_name.split('/')[-1]}-Unified")
-    if isinstance(args, UnifiedConfig):
-        return args
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
-    return UnifiedConfig(**values)
 
 
 def _prompt_of(row: dict):
@@ -261,16 +254,6 @@ def leave_one_out_advantages(rewards: torch.Tensor, num_generations: int) -> tor
     return (groups - baseline).view(-1)
 
 
-class _TokenTerms(NamedTuple):
-    """What the objective and the metrics need from one micro-batch, by the dense or the chunked path."""
-
-    distillation: torch.Tensor | None  # [B, T] per-token D to reduce (clipped divergence, or Hinton's mean spread)
-    divergence: torch.Tensor | None  # [B, T] to log (None for Hinton)
-    log_probs: torch.Tensor | None  # [B, T] log p_S(y_t) at the sampling temperature, for R
-    student_entropy: torch.Tensor  # [N] at the unmasked positions, at the loss temperature
-    teacher_entropy: torch.Tensor | None  # [N], None without a teacher forward
-
-
 class UnifiedTrainer(OPSDTrainer):
     """One trainer for SFT-RS, outcome RL, OPD, OPSD and KD; see the module docstring and ``UnifiedConfig``.
 
@@ -280,6 +263,7 @@ class UnifiedTrainer(OPSDTrainer):
 
     _tag_names = ["trl", "gkd", "opsd", "unified"]
     _name = "Unified"
+    config_class = UnifiedConfig
 
     def __init__(
         self,
@@ -299,7 +283,7 @@ class UnifiedTrainer(OPSDTrainer):
         teacher_processing_class=None,
         reward_funcs: Callable | list[Callable] | None = None,
     ):
-        args = as_unified_config(args, model if isinstance(model, str) else "unified")
+        args = as_config(args, self.config_class, model, self._name)
         if args.teacher_kind is None:
             args.resolve_teacher_kind("external" if teacher_model is not None else "self")
         if (args.teacher_kind == "external") != (teacher_model is not None):
@@ -329,9 +313,6 @@ class UnifiedTrainer(OPSDTrainer):
     def _build_teacher(self, teacher_model, teacher_processing_class):
         if self.args.teacher_kind == "none":
             return None, None  # no teacher module, so completion_views runs no teacher forward
-        if isinstance(teacher_model, Teacher) and not isinstance(teacher_model, LocalTeacher):
-            raise ValueError(f"the unified trainer needs the teacher's dense logits, but {teacher_model!r} is a remote "
-                             "teacher; use OPSDTrainer with divergence='topk' or 'sampled' for remote teachers")
         return super()._build_teacher(teacher_model, teacher_processing_class)
 
     # -- rewards ------------------------------------------------------------------------------------
@@ -418,48 +399,52 @@ class UnifiedTrainer(OPSDTrainer):
             reason = "distillation_loss='hinton' is computed from full logits"
         return reason
 
-    def _dense_token_terms(self, student_logits, teacher_logits, inputs, mask) -> _TokenTerms:
-        """D's per-token loss, R's log-probabilities and the metrics' entropies from the full logits."""
-        args = self.args
-        distillation = divergence = log_probs = None
-        if args.distillation_weight > 0 and args.distillation_loss == "hinton":
-            labels = inputs["completions"].masked_fill(~mask, -100)
-            mean = hinton_kd_loss(student_logits, teacher_logits, labels, args.hinton_alpha, args.loss_temperature)
-            # Spread the micro-batch mean over its tokens so the window normalisation is OPSDTrainer's.
-            distillation = mean.expand(mask.shape)
-        elif args.distillation_weight > 0:
-            distillation, divergence = self.distillation_terms(student_logits, teacher_logits, inputs)
-        if args.reward_weight > 0:
-            log_probs = token_log_probs(student_logits, inputs["completions"], self.temperature)
-        with torch.no_grad():
-            student_entropy = per_token_entropy(student_logits[mask], args.loss_temperature)
-            teacher_entropy = None if teacher_logits is None else per_token_entropy(
-                teacher_logits[mask], args.loss_temperature
-            )
-        return _TokenTerms(distillation, divergence, log_probs, student_entropy, teacher_entropy)
+    def _loss_inputs(self, model, inputs):
+        """As in OPSDTrainer, with rewards scored; samples the reward filter rejects leave the mask."""
+        if "completion_source" not in inputs and "completions" not in inputs and self.args.sampler == "teacher":
+            inputs = self._attach_completions(inputs, "teacher")  # evaluation under the teacher sampler
+        inputs, mask = super()._loss_inputs(model, inputs)
+        if "advantages" not in inputs:  # evaluation: the micro-batch is its own window
+            inputs = self._score(inputs)
+            self._record_reward_metrics([inputs], "train" if model.training else "eval")
+        return inputs, mask & (inputs["sample_weight"] > 0)[:, None]
 
-    def _chunked_token_terms(self, student: HeadInputs, teacher: HeadInputs | None, inputs, mask) -> _TokenTerms:
-        """:meth:`_dense_token_terms` from hidden states and LM heads, a chunk of positions at a time."""
+    def loss_terms(self, student, teacher, inputs, mask, num_items_in_batch):
+        """``lambda * D + alpha * R`` (see the module docstring), and the per-token terms for the metrics."""
         args = self.args
-        distillation = divergence = log_probs = student_entropy = teacher_entropy = None
+        loss, logged, terms, entropy = 0.0, {}, None, None
         if args.distillation_weight > 0:
-            terms = self.chunked_distillation_terms(student, teacher, inputs, mask)
-            distillation, divergence = terms.per_token_loss, terms.divergence
-            student_entropy, teacher_entropy = terms.student_entropy[mask], terms.teacher_entropy[mask]
+            terms = self._distillation_terms(student, teacher, inputs, mask)
+            loss = loss + args.distillation_weight * self.window_mean(terms.per_token_loss, mask, num_items_in_batch)
+            logged["distillation_term"] = self.window_mean(terms.per_token_loss.detach(), mask, None)
         if args.reward_weight > 0:
-            out = chunked_token_log_probs(
-                student.hidden, student.weight, inputs["completions"], self.temperature, mask=mask,
-                chunk_size=args.loss_chunk_size, student_bias=student.bias,
+            log_probs, entropy = sampled_log_probs(
+                student, inputs["completions"], self.temperature, mask, args.loss_chunk_size
             )
-            log_probs = out.values
-            if student_entropy is None and self.temperature == args.loss_temperature:
-                student_entropy = out.student_entropy[mask]
-        if student_entropy is None:  # the metrics' entropy is at the loss temperature
-            student_entropy = chunked_teacher_scores(
-                student.hidden, student.weight, args.loss_temperature, mask=mask, chunk_size=args.loss_chunk_size,
-                bias=student.bias,
-            ).entropy[mask]
-        return _TokenTerms(distillation, divergence, log_probs, student_entropy, teacher_entropy)
+            reinforce, logged["reward_term"] = self._reinforce_term(log_probs, inputs, mask)
+            loss = loss + args.reward_weight * reinforce
+        if terms is None:  # the metrics' entropy is at the loss temperature
+            if entropy is None or self.temperature != args.loss_temperature:
+                entropy = student_entropy(student, mask, args.loss_temperature, args.loss_chunk_size)
+            terms = TokenTerms(None, None, entropy, None)
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        for name, value in logged.items():
+            metrics[name].append(value.item())
+        self._record_geometry(inputs, terms.divergence, mask)
+        return loss, terms
+
+    def _distillation_terms(self, student, teacher, inputs, mask) -> TokenTerms:
+        """D per token: the objective's, or Hinton's micro-batch mean spread over its tokens (so the window
+        normalisation is OPSDTrainer's)."""
+        args = self.args
+        if args.distillation_loss != "hinton":
+            return token_terms(self.divergence, student, teacher, inputs["completions"], mask,
+                               chunk_size=args.loss_chunk_size)
+        labels = inputs["completions"].masked_fill(~mask, -100)
+        mean = hinton_kd_loss(student, teacher, labels, args.hinton_alpha, args.loss_temperature)
+        tau = args.loss_temperature
+        return TokenTerms(mean.expand(mask.shape), None, dense_entropy(student, mask, tau),
+                          dense_entropy(teacher, mask, tau))
 
     def _reinforce_term(self, log_probs, inputs, mask):
         """(R normalised by the window's sequences, R over this micro-batch): ``-A_i * mean_t log p_S(y_t)``."""
@@ -467,43 +452,8 @@ class UnifiedTrainer(OPSDTrainer):
         sequence_mean = log_probs.sum(1) / mask.sum(1).clamp(min=1)
         surrogate = -(inputs["advantages"].to(sequence_mean.dtype) * sequence_mean)[:, None]
         kept = (inputs["sample_weight"] > 0)[:, None]
-        term = self.token_sum_to_loss(surrogate, kept, inputs.get("num_sequences_in_window"))
-        return term, self.token_sum_to_loss(surrogate.detach(), kept, None)
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if "completion_source" not in inputs:  # evaluation: dataset completions if present, else the sampler's
-            sampled = "teacher" if self.args.sampler == "teacher" else "student"
-            source = "dataset" if "completions" in inputs else sampled
-            inputs = self._attach_completions(inputs, source)
-        if "advantages" not in inputs:  # evaluation: the micro-batch is its own window
-            inputs = self._score(inputs)
-            self._record_reward_metrics([inputs], "train" if model.training else "eval")
-        args = self.args
-        mask = inputs["completion_mask"].bool() & (inputs["sample_weight"] > 0)[:, None]
-        views = None if return_outputs else self.chunked_completion_views(model, inputs)  # return_outputs: logits
-        if views is None:
-            student_logits, teacher_logits = self.completion_views(model, inputs)
-            per_token = self._dense_token_terms(student_logits, teacher_logits, inputs, mask)
-            finite_checked = (student_logits, teacher_logits)
-        else:  # without logits, a non-finite logit shows up as a non-finite entropy at its position
-            per_token = self._chunked_token_terms(*views, inputs, mask)
-            finite_checked = (per_token.student_entropy, per_token.teacher_entropy)
-        loss, terms = 0.0, {}
-        if per_token.distillation is not None:
-            distillation = self.token_sum_to_loss(per_token.distillation, mask, num_items_in_batch)
-            terms["distillation_term"] = self.token_sum_to_loss(per_token.distillation.detach(), mask, None)
-            loss = loss + args.distillation_weight * distillation
-        if per_token.log_probs is not None:
-            reinforce, terms["reward_term"] = self._reinforce_term(per_token.log_probs, inputs, mask)
-            loss = loss + args.reward_weight * reinforce
-        loss = self._check_finite(loss, *finite_checked, per_token.divergence)
-        self._record_token_metrics(inputs, per_token.divergence, mask, per_token.student_entropy,
-                                   per_token.teacher_entropy)
-        metrics = self._metrics["train" if self.model.training else "eval"]
-        for name, value in terms.items():
-            metrics[name].append(value.item())
-        self._record_geometry(inputs, per_token.divergence, mask)
-        return (loss, {"logits": student_logits}) if return_outputs else loss
+        term = self.window_mean(surrogate, kept, inputs.get("num_sequences_in_window"))
+        return term, self.window_mean(surrogate.detach(), kept, None)
 
     def _record_geometry(self, inputs, divergence, mask) -> None:
         """Diagnostics of the first micro-batch of every ``geometry_steps``-th optimizer step."""

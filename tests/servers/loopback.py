@@ -18,6 +18,13 @@ Fault injection: :meth:`LoopbackServer.inject` queues actions for the next reque
 ``"sse_drop"``, ``"sse_error"``, ``"400"``); ``fraction_500`` fails a seeded random fraction; ``latency_s`` delays every
 request. Every request is counted and logged (path, JSON body, headers) for assertions.
 
+Adversarial faults (``tests/adversarial``): a response that breaks the wire format (:data:`BROKEN_COMPLETIONS`,
+:data:`BROKEN_CHATS`, applied to the real response); ``"trickle"`` (the real response, one byte every
+``trickle_s`` seconds, until it is sent or the client hangs up); ``"echo_headers"`` / ``"echo_headers_400"``
+(a 500 / 400 whose body echoes the request headers, raw and URL-quoted, as a careless gateway does);
+``"sse_eof"`` (the stream ends cleanly after an ordinary event: no ``[DONE]``, no ``finish_reason``);
+``"sse_error_echo"`` (an SSE ``event: error`` echoing the request's Authorization header).
+
 :class:`LoopbackServerProcess` runs a ``LoopbackServer`` in a child process (``spawn``), as a real vLLM server
 runs apart from its client: for benchmarks, where a server thread would share the client's GIL.
 
@@ -41,11 +48,22 @@ from collections import Counter, deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from multiprocessing.connection import Connection
 from typing import Any
+from urllib.parse import quote
 
 from .tiny_lm import TinyLM
 
 VLLM_MAX_LOGPROBS = 20
 OPENAI_MAX_LOGPROBS = 5
+# Completions responses that break the wire format: fault name -> what is done to the real response.
+BROKEN_COMPLETIONS = (
+    "lp_missing",  # a prompt_logprobs entry without its "logprob" (vLLM) / a null token_logprob (OpenAI)
+    "lp_nan", "lp_inf", "lp_positive",  # a log-prob that is NaN, -inf, or 0.5
+    "short_token_logprobs", "short_top_logprobs",  # a list shorter than "tokens"
+    "wrong_echo_ids",  # the echoed prompt is not the ids that were sent
+    "too_many_topk",  # a position with far more than k + 1 entries
+    "no_choices",  # {"choices": []}
+)
+BROKEN_CHATS = ("chat_content_number", "no_choices")
 OPENAI_COMPLETION_FIELDS = {
     "model", "prompt", "echo", "logprobs", "max_tokens", "temperature", "top_p", "n", "stop", "stream", "seed",
     "best_of", "frequency_penalty", "presence_penalty", "logit_bias", "suffix", "user",
@@ -71,6 +89,7 @@ class LoopbackServer:
         sse_done: bool = True,
         sse_chunk_bytes: int = 13,
         cache_completions: bool = False,
+        trickle_s: float = 0.05,
     ) -> None:
         if flavor not in ("vllm", "openai"):
             raise ValueError(flavor)
@@ -86,6 +105,7 @@ class LoopbackServer:
         self.sse_done = sse_done
         self.sse_chunk_bytes = sse_chunk_bytes
         self.cache_completions = cache_completions
+        self.trickle_s = trickle_s
         self.completions_computed = 0  # /v1/completions responses actually computed (cache misses included)
         self._completion_cache: dict[str, tuple[int, bytes]] = {}
         self.stop = threading.Event()
@@ -116,6 +136,11 @@ class LoopbackServer:
     def inject(self, *actions: str) -> None:
         with self._lock:
             self._faults.extend(actions)
+
+    def clear_faults(self) -> None:
+        """Drop the injected faults not yet used (a call that failed for good leaves some queued)."""
+        with self._lock:
+            self._faults.clear()
 
     def requests_to(self, path: str) -> int:
         with self._lock:
@@ -233,6 +258,52 @@ class LoopbackServer:
         return 200, {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                      "model": self.model_name, "choices": [choice], "usage": usage}
 
+    def broken_completions(self, body: dict[str, Any], fault: str) -> tuple[int, dict[str, Any]]:
+        """The real response to ``body`` with one wire-format defect (``fault`` in :data:`BROKEN_COMPLETIONS`),
+        placed at the last position, which is always a scored completion position."""
+        status, payload = self._compute_completions(body)
+        if status != 200:
+            return status, payload
+        if fault == "no_choices":
+            return status, {**payload, "choices": []}
+        choice = payload["choices"][0]
+        prompt_lp, block = choice.get("prompt_logprobs"), choice.get("logprobs")
+        last = len(body["prompt"]) - 1 if isinstance(body["prompt"], list) else -1
+        if fault == "wrong_echo_ids":
+            if prompt_lp is not None:  # vLLM: the position scored a token id that was not sent
+                entry = prompt_lp[last]
+                (tid, info), *rest = entry.items()
+                prompt_lp[last] = {str(int(tid) + 1 if str(int(tid) + 1) not in entry else int(tid) + 2): info,
+                                   **dict(rest)}
+            if block is not None:
+                block["tokens"][last] = block["tokens"][last - 1] if block["tokens"][last - 1] != block["tokens"][
+                    last] else block["tokens"][last - 2]
+            return status, payload
+        if fault in ("short_token_logprobs", "short_top_logprobs"):
+            key = "token_logprobs" if fault == "short_token_logprobs" else "top_logprobs"
+            block[key] = block[key][:-2]
+            return status, payload
+        bad = {"lp_missing": None, "lp_nan": float("nan"), "lp_inf": float("-inf"), "lp_positive": 0.5}
+        if fault in bad:
+            if prompt_lp is not None:
+                info = next(iter(prompt_lp[last].values()))
+                if fault == "lp_missing":
+                    del info["logprob"]
+                else:
+                    info["logprob"] = bad[fault]
+            else:
+                block["token_logprobs"][last] = bad[fault]
+            return status, payload
+        if fault == "too_many_topk":
+            k = body.get("logprobs") or 0
+            extra = {str(10_000 + i): {"logprob": -50.0, "rank": 1000 + i, "decoded_token": "x"} for i in range(k + 3)}
+            if prompt_lp is not None:
+                prompt_lp[last].update(extra)
+            else:
+                block["top_logprobs"][last].update({f"zz{i}": -50.0 for i in range(k + 3)})
+            return status, payload
+        raise ValueError(f"unknown completions fault {fault!r}")
+
     # ------------------------------------------------------------ chat completions
 
     def generated_text(
@@ -279,6 +350,9 @@ class LoopbackServer:
                 events.append(f"data: {data}\n\n")
         if self.sse_done:
             events.append("data: [DONE]\n\n")
+        else:  # the other accepted end: a final chunk with a finish_reason, then the body ends
+            final = {"id": request_id, "model": body["model"], "choices": [{"delta": {}, "finish_reason": "stop"}]}
+            events.append(f"data: {json.dumps(final)}\n\n")
         return events
 
     def cortex_authorized(self, headers: dict[str, str]) -> bool:
@@ -390,7 +464,8 @@ def _make_handler(server: LoopbackServer) -> type[BaseHTTPRequestHandler]:
             fault = server._record(self.path, body, headers)
             if server.latency_s:
                 server.stop.wait(server.latency_s)
-            if fault is not None and self._fault(fault):
+            self.trickle = fault == "trickle"
+            if fault is not None and self._fault(fault, headers):
                 return
             if body is None:
                 return self._json(400, _error("body is not JSON"))
@@ -405,21 +480,36 @@ def _make_handler(server: LoopbackServer) -> type[BaseHTTPRequestHandler]:
                 if server.api_key is not None and headers.get("authorization") != f"Bearer {server.api_key}":
                     return self._json(401, _error("Incorrect API key provided.", "invalid_request_error", 401))
                 if path == "/v1/completions":
+                    if fault in BROKEN_COMPLETIONS:
+                        return self._json(*server.broken_completions(body, fault))
                     return self._raw(*server.completions(body), "application/json")
-                return self._json(*server.chat(body))
+                return self._chat(body, fault)
             if path == "/api/v2/cortex/v1/chat/completions":
                 if headers.get("authorization") != f"Bearer {server.cortex_tokens.get('PROGRAMMATIC_ACCESS_TOKEN')}":
                     return self._json(401, {"code": "390303", "message": "Invalid programmatic access token."})
-                return self._json(*server.chat(body))
+                return self._chat(body, fault)
             if path == "/api/v2/cortex/inference:complete":
                 if not server.cortex_authorized(headers):
                     return self._json(401, {"code": "390303", "message": "Invalid OAuth access token."})
                 return self._sse(server.cortex_events(body), fault)
             self._json(404, _error(f"no route {path}", code=404))
 
-        def _fault(self, fault: str) -> bool:
+        def _chat(self, body: dict[str, Any], fault: str | None) -> None:
+            status, payload = server.chat(body)
+            if fault == "no_choices":
+                payload["choices"] = []
+            elif fault == "chat_content_number":
+                payload["choices"][0]["message"]["content"] = 42
+            self._json(status, payload)
+
+        def _fault(self, fault: str, headers: dict[str, str]) -> bool:
             """Apply a fault; True if the response is complete (or deliberately absent)."""
-            if fault in ("500", "503", "400"):
+            if fault in ("echo_headers", "echo_headers_400"):
+                echoed = json.dumps(headers)
+                message = f"gateway error; request headers: {echoed}; quoted: {quote(echoed, safe='')}"
+                code = 400 if fault == "echo_headers_400" else 500
+                self._json(code, _error(message, code=code))
+            elif fault in ("500", "503", "400"):
                 self._json(int(fault), _error("injected failure", code=int(fault)))
             elif fault.startswith("429"):
                 kind, _, value = fault.partition(":")
@@ -447,7 +537,20 @@ def _make_handler(server: LoopbackServer) -> type[BaseHTTPRequestHandler]:
             for key, value in (extra or {}).items():
                 self.send_header(key, value)
             self.end_headers()
-            self.wfile.write(data)
+            self._write(data)
+
+        def _write(self, data: bytes) -> None:
+            """All of ``data``; under the "trickle" fault one byte per ``trickle_s`` until done, the client hangs
+            up or the server stops (at most ``len(data)`` steps)."""
+            if not getattr(self, "trickle", False):
+                self.wfile.write(data)
+                return
+            for i in range(len(data)):
+                if server.stop.is_set():
+                    return
+                self.wfile.write(data[i : i + 1])
+                self.wfile.flush()
+                server.stop.wait(server.trickle_s)
 
         def _sse(self, events: list[str], fault: str | None) -> None:
             data = "".join(events).encode()
@@ -455,15 +558,24 @@ def _make_handler(server: LoopbackServer) -> type[BaseHTTPRequestHandler]:
                 data = events[0].encode() + b'data: {"id": "x", "choices": [{"delta": {"cont'
             elif fault == "sse_error":  # snowflake-ml-python's MidStreamException case
                 data = events[0].encode() + b'data: {"error": {"message": "model overloaded"}}\n\n'
+            elif fault == "sse_eof":  # ends cleanly after an ordinary delta: neither [DONE] nor a finish_reason
+                ordinary = [e for e in events if "[DONE]" not in e and "finish_reason" not in e]
+                data = "".join(ordinary[:2]).encode()
+            elif fault == "sse_error_echo":
+                auth = self.headers.get("Authorization", "")
+                data = events[0].encode() + f"event: error\ndata: rejected request with {auth}\n\n".encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
-            step = server.sse_chunk_bytes
+            step = 1 if getattr(self, "trickle", False) else server.sse_chunk_bytes
             for start in range(0, len(data), step):
                 piece = data[start:start + step]
                 self.wfile.write(f"{len(piece):X}\r\n".encode() + piece + b"\r\n")
                 self.wfile.flush()
+                if getattr(self, "trickle", False):
+                    if server.stop.wait(server.trickle_s):
+                        return
             if fault == "sse_drop":
                 self.close_connection = True  # no terminating chunk: the connection just ends
                 return

@@ -147,6 +147,11 @@ class Teacher:
 
     capabilities: frozenset[str] = frozenset()
     capability_notes: Mapping[str, str] = MappingProxyType({})
+    # What an in-process loss can read from the teacher, answered by each teacher class: full-vocabulary logits
+    # (``completion_logits``), and the final hidden states and LM head instead of logits (``completion_head_inputs``,
+    # for the chunked loss). A teacher with neither scores completions through ``score_topk``.
+    gives_dense_logits: bool = False
+    gives_hidden_states: bool = False
 
     def __init__(self, name: str, *, max_top_k: int | None = None) -> None:
         self.name = name

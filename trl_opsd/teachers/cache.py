@@ -1,8 +1,10 @@
 """Persistent hash-keyed cache of remote teacher responses (SQLite, WAL).
 
 The key is the sha256 of a canonical JSON of ``(backend, base_url, model, request payload)``: everything
-that determines the answer and nothing else. Credentials never reach it (they travel in headers, which
-are not part of the key), so the cache file can be shared and inspected. Re-running a step or a whole
+that determines the answer and nothing else. Credentials never reach it: they travel in headers, which
+are not part of the key; credentials inside the base URL (``https://user:pass@host``, ``?api_key=...``) are
+cut from the key; and a value holding a registered secret (:mod:`trl_opsd.redaction`) is not stored. So the
+cache file can be shared and inspected. Re-running a step or a whole
 job therefore sends no request whose answer is already stored.
 
 One connection is shared by all threads behind a lock; WAL mode and a busy timeout let several
@@ -13,12 +15,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from .. import redaction
+
+logger = logging.getLogger(__name__)
 
 
 def canonical_json(obj: Any) -> str:
@@ -31,8 +38,25 @@ def cache_key(parts: Any) -> str:
 
 
 def request_key_parts(backend: str, base_url: str, model: str, payload: Any) -> dict[str, Any]:
-    """What identifies a remote request: never headers, never credentials."""
-    return {"backend": backend, "base_url": base_url.rstrip("/"), "model": model, "payload": payload}
+    """What identifies a remote request: never headers, never credentials (URL credentials are cut, so a
+    rotated password keeps the cache valid)."""
+    redaction.register_url(base_url)
+    base_url = redaction.strip_url_credentials(base_url.rstrip("/"))
+    return {"backend": backend, "base_url": base_url, "model": model, "payload": payload}
+
+
+def _strings(value: Any):
+    """The strings inside a JSON value, keys included (a scored row holds none: its check costs nothing)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield str(key)
+            yield from _strings(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            if isinstance(item, (str, dict, list, tuple)):
+                yield from _strings(item)
 
 
 class ResponseCache:
@@ -58,7 +82,11 @@ class ResponseCache:
         return None if row is None else json.loads(row[0])
 
     def put(self, key: str, value: Any) -> None:
+        """Store ``value`` under ``key``; a value that holds a secret is not stored (it stays uncached)."""
         text = canonical_json(value)
+        if any(redaction.contains_secret(piece) for piece in _strings(value)):
+            logger.warning("response cache %s: a response holding a secret was not cached", self.path)
+            return
         with self._lock:
             self._conn.execute(
                 "INSERT OR REPLACE INTO responses (key, value, created) VALUES (?, ?, ?)", (key, text, time.time())

@@ -22,7 +22,15 @@ only say "streams generated tokens back as server-sent events", so the parser tr
 The answer is a server-sent event stream whose ``data`` payloads are JSON objects
 ``{"id": ..., "model": ..., "choices": [{"delta": {"content": "..."}}], "usage": {...}}``; the text is the
 concatenation of ``choices[0].delta.content``; a payload with ``"error"`` is a mid-stream error
-(``MidStreamException`` in snowflake-ml-python); ``data: [DONE]`` ends the stream where a server sends it.
+(``MidStreamException`` in snowflake-ml-python, and an SSE ``event: error``).
+
+When the answer is complete: a truncated text must never be cached, so a stream counts as complete only on
+an end marker. OpenAI-style streams end with ``data: [DONE]``; snowflake-ml-python's client parses every
+``data`` payload as JSON and raises on one that is not (``_return_stream_response``), so Cortex's own
+endpoint evidently ends some streams without ``[DONE]``, and the offline docs do not show its last event.
+Accepted, exactly: ``data: [DONE]``; or a body that ends cleanly right after an event whose
+``choices[0].finish_reason`` is a non-empty string (the final chunk of the OpenAI chunk format). Anything
+else -- the body ending after an ordinary delta, or inside an event -- is a truncation, retried.
 ``usage`` is taken from the last event that carries one (running totals). The documented error codes
 (Snowflake REST reference, "Cortex Inference"): 429 and 503/504 are to be retried with jittered backoff;
 400/401/403/404 are not.
@@ -43,8 +51,17 @@ from typing import Any
 import httpx
 
 from .base import Generation, Teacher
+from .. import redaction
 from .cache import ResponseCache, request_key_parts
-from .http import RemoteExecutor, RemoteTeacherError, RetryableError, RetryPolicy, SecretSource
+from .http import (
+    InvalidResponseError,
+    RemoteExecutor,
+    RemoteTeacherError,
+    RetryableError,
+    RetryPolicy,
+    SecretSource,
+    deadline_http_client,
+)
 from .sse import SSEEvent, SSEParser, SSEStreamCut
 
 COMPLETE_PATH = "/api/v2/cortex/inference:complete"
@@ -114,6 +131,7 @@ class CortexTeacher(Teacher):
     ) -> None:
         super().__init__(name or f"cortex:{model}", max_top_k=0)
         self.account_url = account_url.rstrip("/")
+        redaction.register_url(self.account_url)
         self.model = model
         self.auth = auth
         self.timeout_s = timeout_s
@@ -124,10 +142,10 @@ class CortexTeacher(Teacher):
             self.name, max_concurrency=max_concurrency, retry=retry, cache=cache,
             secrets=lambda: (self._current_token(),), sleep=sleep, wall_clock=wall_clock, rng=rng,
         )
-        self._client = httpx.Client(timeout=httpx.Timeout(timeout_s))
+        self._client = deadline_http_client(timeout_s)
 
     def __repr__(self) -> str:
-        return (
+        return redaction.redact(
             f"CortexTeacher(name={self.name!r}, account_url={self.account_url!r}, model={self.model!r}, "
             f"auth={self.auth!r})"
         )
@@ -166,10 +184,9 @@ class CortexTeacher(Teacher):
             return ""
 
     def _complete(self, body: dict[str, Any]) -> dict[str, Any]:
-        """One streamed request parsed into ``{content, usage, model}``."""
+        """One streamed request parsed into ``{content, usage, model}``; only a complete stream returns."""
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream", **self.auth.headers()}
-        deadline = time.monotonic() + self.timeout_s
-        result: dict[str, Any] = {"content": "", "usage": {}, "model": self.model}
+        stream = _CortexStream(self.model)
         try:
             with self._client.stream("POST", self.account_url + COMPLETE_PATH, json=body, headers=headers) as resp:
                 if resp.status_code != 200:
@@ -177,43 +194,78 @@ class CortexTeacher(Teacher):
                         resp.status_code, resp.read().decode("utf-8", "replace"), who=repr(self),
                         credential=self.auth.describe(), headers=resp.headers,
                     )
-                parser, pieces = SSEParser(), []
+                parser = SSEParser()
                 for chunk in resp.iter_bytes():
-                    if time.monotonic() > deadline:
-                        raise RetryableError(f"stream not finished within the {self.timeout_s:g}s timeout")
-                    if any(self._absorb(event, pieces, result) for event in parser.feed(chunk)):
+                    if any(stream.absorb(event) for event in parser.feed(chunk)):
                         break
                 else:
                     for event in parser.close():
-                        self._absorb(event, pieces, result)
+                        stream.absorb(event)
         except httpx.TimeoutException:
-            raise RetryableError(f"no response within the {self.timeout_s:g}s timeout") from None
+            raise RetryableError(f"no complete response within the {self.timeout_s:g}s deadline") from None
         except httpx.TransportError as err:
             raise RetryableError(f"connection failed: {type(err).__name__}") from None
         except SSEStreamCut as err:
             raise RetryableError(f"event stream cut: {err}") from None
-        result["content"] = "".join(pieces)
-        return result
+        return stream.result()
 
-    def _absorb(self, event: SSEEvent, pieces: list[str], result: dict[str, Any]) -> bool:
-        """Fold one event into the result; True at ``[DONE]``."""
+
+class _CortexStream:
+    """The events of one Cortex answer folded into ``{content, usage, model}``, and whether it ended."""
+
+    def __init__(self, model: str) -> None:
+        self.pieces: list[str] = []
+        self.usage: dict[str, Any] = {}
+        self.model = model
+        self.done = False  # [DONE] seen
+        self.finished = False  # the last event so far carried a finish_reason
+        self.events = 0
+
+    def absorb(self, event: SSEEvent) -> bool:
+        """Fold one event in; True at ``[DONE]``."""
         if event.data.strip() == "[DONE]":
+            self.done = True
             return True
+        if event.event == "error":
+            raise RemoteTeacherError(f"Cortex: error in the event stream (event: error): {redaction.redact(event.data)[:300]}")
         try:
             payload = json.loads(event.data)
         except json.JSONDecodeError:
-            raise RetryableError("malformed JSON in an event-stream payload") from None
+            raise InvalidResponseError("malformed JSON in an event-stream payload") from None
         if not isinstance(payload, dict):
-            raise RemoteTeacherError(f"{self!r}: unexpected event-stream payload: {event.data[:200]}")
-        if event.event == "error" or payload.get("error"):
-            raise RemoteTeacherError(f"{self!r}: error in the event stream: {str(payload.get('error', payload))[:300]}")
-        for choice in (payload.get("choices") or [])[:1]:
+            raise InvalidResponseError(f"event-stream payload is a {type(payload).__name__}, not an object")
+        if payload.get("error"):
+            raise RemoteTeacherError(f"Cortex: error in the event stream: {redaction.redact(str(payload['error']))[:300]}")
+        self.events += 1
+        choices = payload.get("choices")
+        if choices is not None and not isinstance(choices, list):
+            raise InvalidResponseError("event-stream payload: choices is not a list")
+        self.finished = False
+        for choice in (choices or [])[:1]:
+            if not isinstance(choice, dict):
+                raise InvalidResponseError("event-stream payload: choices[0] is not an object")
             delta = choice.get("delta") or {}
+            if not isinstance(delta, dict):
+                raise InvalidResponseError("event-stream payload: choices[0].delta is not an object")
             piece = delta.get("content") if delta.get("content") is not None else delta.get("text")
+            if piece is not None and not isinstance(piece, str):
+                raise InvalidResponseError("event-stream payload: choices[0].delta.content is not a string")
             if piece:
-                pieces.append(piece)
+                self.pieces.append(piece)
+            reason = choice.get("finish_reason")
+            self.finished = isinstance(reason, str) and bool(reason)
         if payload.get("usage"):
-            result["usage"] = payload["usage"]
-        if payload.get("model"):
-            result["model"] = payload["model"]
+            if not isinstance(payload["usage"], dict):
+                raise InvalidResponseError("event-stream payload: usage is not an object")
+            self.usage = payload["usage"]
+        if isinstance(payload.get("model"), str) and payload["model"]:
+            self.model = payload["model"]
         return False
+
+    def result(self) -> dict[str, Any]:
+        if not (self.done or self.finished):
+            raise InvalidResponseError(
+                f"the event stream ended after {self.events} event(s) without its end marker ([DONE], or a "
+                "final event with a finish_reason): the answer is truncated"
+            )
+        return {"content": "".join(self.pieces), "usage": self.usage, "model": self.model}

@@ -1,10 +1,15 @@
 """Production behaviour shared by every remote teacher, in one place.
 
 - bounded concurrency: a thread pool of ``max_concurrency`` workers (the trainer calls synchronously);
+- a total deadline per request (:class:`DeadlineTransport`, used by every backend's HTTP client): headers and
+  body within ``timeout_s``, however the server paces its bytes -- the per-read timeout alone lets a server
+  that trickles a byte at a time hold a request open indefinitely;
 - retries with jittered exponential backoff on 429, 5xx, timeouts, dropped connections, streams cut
-  mid-event and malformed bodies; ``Retry-After`` honoured, in seconds or as an HTTP-date
-  (RFC 9110 section 10.2.3, read at https://developer.mozilla.org/en-US/docs/Web/HTTP/Headers/Retry-After);
+  mid-event, malformed bodies and responses that break the wire format; ``Retry-After`` honoured, in
+  seconds or as an HTTP-date (RFC 9110 section 10.2.3, read at https://developer.mozilla.org/en-US/docs/Web/HTTP/Headers/Retry-After);
 - no retry on any other 4xx; 401/403 say which credential source was rejected, never its value;
+- every secret read is registered with :mod:`trl_opsd.redaction`; errors leaving the executor are redacted,
+  their chained causes included, and a context hidden by ``from None`` is dropped;
 - a persistent response cache consulted before any request (``cache.py``);
 - counters of requests, retries, cache hits and failures, exposed by ``metrics()``.
 
@@ -28,6 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
+
+from .. import redaction
 from .base import TeacherError
 from .cache import ResponseCache, cache_key
 
@@ -39,11 +47,17 @@ RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 
 
 class RemoteTeacherError(TeacherError):
-    """A remote call failed for good: a non-retryable status, or retries exhausted."""
+    """A remote call failed for good: a non-retryable status, or retries exhausted. The message is redacted."""
 
     def __init__(self, message: str, *, status: int | None = None) -> None:
-        super().__init__(message)
+        super().__init__(redaction.redact(message))
         self.status = status
+
+
+class InvalidResponseError(RemoteTeacherError):
+    """A response that breaks the wire format (a missing or non-finite log-prob, lists of unequal length,
+    a stream without its end marker). Raised inside a call, it is retried like a transient server fault;
+    it reaches the caller only as the last error of a :class:`RemoteTeacherError`."""
 
 
 class RemoteAuthError(RemoteTeacherError):
@@ -54,6 +68,7 @@ class RetryableError(Exception):
     """A transient failure the executor may retry; ``retry_after`` is the server's requested delay."""
 
     def __init__(self, reason: str, *, status: int | None = None, retry_after: float | None = None) -> None:
+        reason = redaction.redact(reason)
         super().__init__(reason)
         self.reason = reason
         self.status = status
@@ -83,24 +98,117 @@ class SecretSource:
         return " or ".join(parts)
 
     def read(self) -> str:
+        """The secret, registered with :mod:`trl_opsd.redaction` so no output can carry it."""
         if self.env is not None and os.environ.get(self.env, "").strip():
-            return os.environ[self.env].strip()
-        if self.file is not None and self.file.is_file():
+            value = os.environ[self.env].strip()
+        elif self.file is not None and self.file.is_file() and self.file.read_text().strip():
             value = self.file.read_text().strip()
-            if value:
-                return value
-        raise RemoteAuthError(f"{self.what} not found: set {self.describe()}")
+        else:
+            raise RemoteAuthError(f"{self.what} not found: set {self.describe()}")
+        redaction.register(value)
+        return value
 
     def __repr__(self) -> str:
         return f"SecretSource({self.describe()})"
 
 
-def redact(text: str, secrets: Sequence[str]) -> str:
-    """Defence in depth for server messages that might echo a credential back."""
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "<redacted>")
-    return text
+def redact(text: str, secrets: Sequence[str] = ()) -> str:
+    """:func:`trl_opsd.redaction.redact`, with ``secrets`` redacted too (a teacher's own credentials)."""
+    return redaction.redact(text, secrets)
+
+
+class DeadlineTransport:
+    """A transport whose requests end -- status, headers and the whole body -- within ``total_s`` seconds.
+
+    httpx has per-phase timeouts only (connect, each read, each write), so a server sending a byte every
+    fraction of a second keeps a request open for as long as it likes. Here the exchange runs in a worker
+    thread that reads the body in full while the caller waits until the deadline; past it the caller gets
+    ``httpx.ReadTimeout`` (which the backends turn into a retry) and the worker is told to drop the
+    connection at its next chunk. The per-read timeout is capped at ``total_s`` as well, so an abandoned
+    worker waiting on a silent server ends too. Bodies are buffered: both backends need the whole body
+    before they can use any of it.
+
+    ``http`` is the HTTP library module the client comes from: ``httpx`` (Cortex) or ``httpx2`` (the
+    ``openai`` client's fork, same API); the transport protocol is the same, its classes are not shared.
+    """
+
+    def __init__(self, total_s: float, *, http: Any = httpx, inner: Any = None) -> None:
+        if not total_s > 0:
+            raise ValueError(f"the request deadline must be > 0 seconds, got {total_s}")
+        self.total_s = float(total_s)
+        self._http = http
+        self._inner = inner or http.HTTPTransport(
+            limits=http.Limits(max_connections=1000, max_keepalive_connections=100)
+        )
+
+    def __enter__(self) -> DeadlineTransport:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def handle_request(self, request: Any) -> Any:
+        timeouts = dict(request.extensions.get("timeout") or {})
+        for phase in ("connect", "read", "write", "pool"):
+            if timeouts.get(phase) is None or timeouts[phase] > self.total_s:
+                timeouts[phase] = self.total_s
+        request.extensions["timeout"] = timeouts
+        exchange = _Exchange(self._http, self._inner, request, self.total_s)
+        worker = threading.Thread(target=exchange.run, name="teacher-http-deadline", daemon=True)
+        worker.start()
+        if not exchange.done.wait(self.total_s):
+            exchange.abandon()
+            if not exchange.done.is_set():  # (set now: the worker finished, or failed on seeing abandon())
+                raise self._http.ReadTimeout(
+                    f"no complete response within the {self.total_s:g}s deadline", request=request
+                )
+        if exchange.error is not None:
+            raise exchange.error
+        return exchange.response
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class _Exchange:
+    """One request/response run by :class:`DeadlineTransport`'s worker thread."""
+
+    def __init__(self, http: Any, inner: Any, request: Any, total_s: float) -> None:
+        self.http, self.inner, self.request, self.total_s = http, inner, request, total_s
+        self.done = threading.Event()
+        self.response: Any = None
+        self.error: BaseException | None = None
+        self._abandoned = threading.Event()
+
+    def abandon(self) -> None:
+        self._abandoned.set()
+
+    def run(self) -> None:
+        response = None
+        try:
+            response = self.inner.handle_request(self.request)
+            chunks = []
+            for chunk in response.stream:
+                if self._abandoned.is_set():  # the caller gave up: never hand back a cut body
+                    raise self.http.ReadTimeout(
+                        f"no complete response within the {self.total_s:g}s deadline", request=self.request
+                    )
+                chunks.append(chunk)
+            self.response = self.http.Response(
+                response.status_code, headers=response.headers, stream=self.http.ByteStream(b"".join(chunks)),
+                extensions=response.extensions,
+            )
+        except BaseException as err:  # noqa: BLE001 (handed to the waiting caller)
+            self.error = err
+        finally:
+            if response is not None:
+                response.close()
+            self.done.set()
+
+
+def deadline_http_client(timeout_s: float) -> httpx.Client:
+    """An ``httpx.Client`` whose every request ends within ``timeout_s`` (see :class:`DeadlineTransport`)."""
+    return httpx.Client(transport=DeadlineTransport(timeout_s), timeout=httpx.Timeout(timeout_s))
 
 
 def parse_retry_after(value: str | None, *, now: float) -> float | None:
@@ -238,42 +346,48 @@ class RemoteExecutor:
             return self._pool
 
     def _call_with_retries(self, call: Callable[[], T]) -> T:
+        """``call()`` until it succeeds, retrying :class:`RetryableError` (and :class:`InvalidResponseError`).
+
+        Every error raised from here is redacted, chained causes included; it is raised outside the
+        ``except`` block so Python attaches no new ``__context__`` to it.
+        """
         attempt = 0
         while True:
             self._bump("requests")
+            failure: BaseException | None = None
             try:
                 return call()
-            except RetryableError as err:
+            except (RetryableError, InvalidResponseError) as err:
+                reason = redact(str(err.reason if isinstance(err, RetryableError) else err), self._secrets())
+                status, retry_after = err.status, getattr(err, "retry_after", None)
                 if attempt >= self.retry.max_retries:
-                    self._bump("failures")
-                    raise RemoteTeacherError(
-                        f"teacher {self.name!r}: giving up after {attempt + 1} attempts; last error: "
-                        f"{redact(err.reason, self._secrets())}",
-                        status=err.status,
-                    ) from None
-                delay = self._delay(err, attempt)
-                logger.warning(
-                    "teacher %r: %s; retry %d/%d in %.2fs",
-                    self.name, redact(err.reason, self._secrets()), attempt + 1, self.retry.max_retries, delay,
-                )
-                self._bump("retries")
-                self._bump("retry_wait_s", delay)
-                self._sleep(delay)
-                attempt += 1
-            except Exception:
+                    failure = RemoteTeacherError(
+                        f"teacher {self.name!r}: giving up after {attempt + 1} attempts; last error: {reason}",
+                        status=status,
+                    )
+                elif retry_after is not None and retry_after > self.retry.max_retry_after:
+                    failure = RemoteTeacherError(
+                        f"teacher {self.name!r}: server asked to wait {retry_after:.0f}s (Retry-After), more "
+                        f"than max_retry_after={self.retry.max_retry_after:.0f}s; {reason}",
+                        status=status,
+                    )
+            except Exception as err:
+                failure = err
+            if failure is not None:
                 self._bump("failures")
-                raise
+                raise redaction.scrub_exception(failure)
+            delay = self._delay(retry_after, attempt)
+            logger.warning(
+                "teacher %r: %s; retry %d/%d in %.2fs", self.name, reason, attempt + 1, self.retry.max_retries, delay,
+            )
+            self._bump("retries")
+            self._bump("retry_wait_s", delay)
+            self._sleep(delay)
+            attempt += 1
 
-    def _delay(self, err: RetryableError, attempt: int) -> float:
-        if err.retry_after is not None:
-            if err.retry_after > self.retry.max_retry_after:
-                self._bump("failures")
-                raise RemoteTeacherError(
-                    f"teacher {self.name!r}: server asked to wait {err.retry_after:.0f}s (Retry-After), more "
-                    f"than max_retry_after={self.retry.max_retry_after:.0f}s; {redact(err.reason, self._secrets())}",
-                    status=err.status,
-                ) from None
-            return err.retry_after
+    def _delay(self, retry_after: float | None, attempt: int) -> float:
+        if retry_after is not None:
+            return retry_after
         with self._rng_lock:
             return self.retry.backoff(attempt, self._rng)
 
@@ -290,7 +404,7 @@ class RemoteExecutor:
 
         401/403 name the credential *source* (``credential``, e.g. "environment variable X").
         """
-        message = redact(body.strip()[:500], self._secrets())
+        message = redact(body.strip(), self._secrets())[:500]
         if status in RETRYABLE_STATUS or status >= 500:
             retry_after = self.retry_after_from(headers)
             return RetryableError(f"HTTP {status}: {message}", status=status, retry_after=retry_after)

@@ -1,9 +1,9 @@
 """In-process teachers that return dense logits: an external model, or the student itself (self-teacher).
 
-Every teacher here answers one question: the teacher's logits at each completion position of a
-batch laid out as ``[left-padded teacher prompt | right-padded completion]``. The self-teachers need
-the student module (the adapter-disabled view and the live view are the student's own weights), so
-it is passed in on every call.
+Every teacher here answers one question: the teacher's logits (or, for the chunked loss, its final hidden
+states and LM head) at each completion position of a batch laid out as ``[left-padded teacher prompt |
+right-padded completion]``. The self-teachers need the student module (the adapter-disabled view and the
+live view are the student's own weights), so it is passed in on every call.
 """
 
 from __future__ import annotations
@@ -15,34 +15,19 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from trl_opsd.forward import HeadInputs, completion_head_inputs, completion_logits, plain_output_head
 from trl_opsd.teachers.base import Teacher
 
 
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that ignore left padding: the first real token of every row is position 0."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def completion_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_len: int):
-    """Logits predicting each of the last ``completion_len`` tokens of ``input_ids``: shape [B, T, V].
-
-    Logits at column j predict token j + 1, so the completion (the last T columns) is predicted by
-    columns -T-1 .. -2. Only those T + 1 columns are projected to the vocabulary (``logits_to_keep``).
-    """
-    outputs = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        logits_to_keep=completion_len + 1,
-        use_cache=False,
-    )
-    return outputs.logits[:, :-1, :]
-
-
 class LocalTeacher(Teacher):
-    """An in-process teacher: dense logits, and a model to generate with (for ``seq_kd``)."""
+    """An in-process teacher: dense logits, and a model to generate with (for ``seq_kd``).
+
+    A subclass whose logits are its ``generation_model``'s own forward sets ``gives_hidden_states = True``, and the
+    chunked loss then reads that module's final hidden states and LM head instead of its logits.
+    """
 
     capabilities = frozenset({"dense", "generate"})
+    gives_dense_logits = True
 
     def completion_logits(self, student_model, input_ids, attention_mask, completion_len):
         raise NotImplementedError
@@ -50,9 +35,30 @@ class LocalTeacher(Teacher):
     def generation_model(self, student_model):
         raise NotImplementedError
 
+    def own_model(self) -> nn.Module | None:
+        """The module holding the teacher's own weights (None: it runs on the student's)."""
+        return None
+
+    @torch.no_grad()
+    def completion_head_inputs(
+        self, student_model, input_ids, attention_mask, completion_len, unwrap=lambda module: module
+    ) -> HeadInputs | None:
+        """:meth:`completion_logits` unprojected: final hidden states and the LM head, without gradient.
+
+        None when the module's logits turn out not to be its head applied to its last hidden state. ``unwrap`` turns
+        a prepared (DDP / DeepSpeed) module into the model whose LM head is read.
+        """
+        if not self.gives_hidden_states:
+            raise NotImplementedError(f"{self!r} gives logits only (gives_hidden_states is False)")
+        with self.generation_model(student_model) as module:
+            head = plain_output_head(unwrap(module))
+            return completion_head_inputs(module, head, input_ids, attention_mask, completion_len)
+
 
 class ModelTeacher(LocalTeacher):
     """A frozen model with its own weights: an external teacher, a frozen copy of the student, or an EMA."""
+
+    gives_hidden_states = True
 
     def __init__(self, model: nn.Module, name: str = "model"):
         super().__init__(name)
@@ -69,9 +75,14 @@ class ModelTeacher(LocalTeacher):
     def generation_model(self, student_model):
         return contextlib.nullcontext(self.model)
 
+    def own_model(self) -> nn.Module:
+        return self.model
+
 
 class AdapterDisabledTeacher(LocalTeacher):
     """The PEFT student with its adapters switched off: the initial policy, with zero extra weights."""
+
+    gives_hidden_states = True
 
     def __init__(self):
         super().__init__("self (adapters disabled)")
@@ -92,6 +103,8 @@ class AdapterDisabledTeacher(LocalTeacher):
 
 class LiveTeacher(LocalTeacher):
     """The current student weights under privileged context, without gradient."""
+
+    gives_hidden_states = True
 
     def __init__(self):
         super().__init__("self (live)")

@@ -10,7 +10,8 @@ Scoring a fixed completion uses the legacy ``POST /v1/completions``: the prompt 
    openapi spec, quoted in the ``openai`` client's ``resources/completions.py`` ("The API will always return
    the logprob of the sampled token, so there may be up to logprobs+1 elements ... The maximum value for
    logprobs is 5."), and in vLLM ``vllm/entrypoints/openai/completion/serving.py``
-   (``_create_completion_logprobs``, which clamps ``-inf`` to ``-9999.0``).
+   (``_create_completion_logprobs``, which clamps ``-inf`` to ``-9999.0``). ``text_offset`` is the character
+   offset of each token in the returned text.
 2. vLLM's ``prompt_logprobs`` extension (an extra request field): ``choices[0].prompt_logprobs`` is a list,
    ``null`` at position 0, then ``{"<token_id>": {"logprob", "rank", "decoded_token"}}`` holding the actual
    prompt token (with its vocabulary rank) plus the top-K (ranks 1..K). Read in vLLM
@@ -28,6 +29,10 @@ Caps on K: vLLM's ``max_logprobs`` defaults to 20 (``ModelConfig.max_logprobs``:
 the default for the OpenAI Chat Completions API"); OpenAI's legacy completions allow 5; some providers
 allow 20 (Together's openapi: "An integer between 0 and 20") -- pass ``max_top_k=20`` for them.
 
+Every response is checked against its format (``wire.py``: types, list lengths, finite log-probs <= 0, top-k
+entry counts, echoed ids equal to the ids sent) before it is parsed or cached; a broken one is retried.
+Every request has a total deadline of ``timeout_s`` (``http.DeadlineTransport``), not only a per-read timeout.
+
 The log-probs are the server's raw (temperature 1) log-probs: vLLM's default ``logprobs_mode`` is
 ``raw_logprobs``. Generation (text only) uses ``POST /v1/chat/completions``. Cortex's OpenAI-compatible
 endpoint ``{account_url}/api/v2/cortex/v1`` (Bearer PAT; Snowflake "Cortex REST API" docs, Chat
@@ -36,24 +41,35 @@ Completions quickstart) is reached with :meth:`OpenAICompatTeacher.for_cortex`; 
 
 from __future__ import annotations
 
+import importlib
 import json
-import math
 import os
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import openai
 
+from .. import redaction
+from . import wire
 from .base import Generation, RowScores, Teacher, TeacherError, TopKScores, check_scoring_inputs
 from .cache import ResponseCache, request_key_parts
-from .http import RemoteExecutor, RemoteTeacherError, RetryableError, RetryPolicy, SecretSource
+from .http import (
+    DeadlineTransport,
+    InvalidResponseError,
+    RemoteExecutor,
+    RemoteTeacherError,
+    RetryableError,
+    RetryPolicy,
+    SecretSource,
+)
 
 TOKEN_ID_PREFIX = "token_id:"
-# vLLM clamps -inf to this value in completions logprobs; non-finite values are stored the same way.
-FLOOR_LOGPROB = -9999.0
+# The openai client's HTTP library (httpx, or its fork httpx2 in recent releases): the deadline transport must be
+# built from its classes.
+_OPENAI_HTTP = importlib.import_module(openai.DefaultHttpxClient.__mro__[1].__module__.partition(".")[0])
 
 
 class TokenizerMismatchError(TeacherError):
@@ -106,12 +122,6 @@ class StudentVocab:
         return next(iter(ids))
 
 
-def _finite(value: float | None) -> float:
-    if value is None or not math.isfinite(value):
-        return FLOOR_LOGPROB
-    return float(value)
-
-
 def _top_k(entries: list[tuple[int, float, float]], k: int) -> tuple[list[int], list[float]]:
     """The ``k`` most likely of ``(id, logprob, rank)`` entries. The actual token, injected by the server when
     outside the top-K, sorts after the K-th (rank breaks exact ties)."""
@@ -120,57 +130,55 @@ def _top_k(entries: list[tuple[int, float, float]], k: int) -> tuple[list[int], 
 
 
 def parse_prompt_logprobs(
-    prompt_logprobs: list[dict[str, dict[str, Any]] | None], sent_ids: Sequence[int], prompt_len: int, k: int
+    prompt_logprobs: Any, sent_ids: Sequence[int], prompt_len: int, k: int, *, at_least: int = 1
 ) -> RowScores:
-    """Completion positions of vLLM's ``prompt_logprobs`` (``{"<id>": {logprob, rank, decoded_token}}``)."""
-    if len(prompt_logprobs) < len(sent_ids):
-        raise RemoteTeacherError(
-            f"prompt_logprobs has {len(prompt_logprobs)} positions for {len(sent_ids)} prompt tokens"
-        )
+    """Completion positions of vLLM's ``prompt_logprobs`` (``{"<id>": {logprob, rank, decoded_token}}``),
+    checked by :func:`wire.prompt_logprobs_entries` first."""
+    entries = wire.prompt_logprobs_entries(prompt_logprobs, len(sent_ids), scored_from=prompt_len, k=k,
+                                           at_least=at_least)
     row = RowScores([], [], [], [])
     for pos in range(prompt_len, len(sent_ids)):
-        entry = prompt_logprobs[pos]
-        actual = None if entry is None else entry.get(str(sent_ids[pos]))
+        entry = entries[pos]
+        actual = entry.get(str(sent_ids[pos]))
         if actual is None:
             raise TokenizerMismatchError(
                 f"position {pos}: the server did not score token id {sent_ids[pos]} that was sent; it is "
                 "not reading the student's token ids"
             )
         ranked = [
-            (int(tid), _finite(e.get("logprob")), e.get("rank") if e.get("rank") is not None else math.inf)
+            (int(tid), min(float(e["logprob"]), 0.0), e["rank"] if e.get("rank") is not None else float("inf"))
             for tid, e in entry.items()
         ]
         ids, lps = _top_k(ranked, k)
         row.topk_ids.append(ids)
         row.topk_logprobs.append(lps)
-        row.sampled_logprobs.append(_finite(actual.get("logprob")))
+        row.sampled_logprobs.append(min(float(actual["logprob"]), 0.0))
         row.mask.append(True)
     return row
 
 
 def parse_echo_logprobs(
-    logprobs: Mapping[str, Any], sent_ids: Sequence[int], prompt_len: int, k: int, to_id: Callable[[str], int]
+    logprobs: Any, sent_ids: Sequence[int], prompt_len: int, k: int, to_id: Callable[[str], int], *,
+    at_least: int = 1,
 ) -> RowScores:
-    """Completion positions of OpenAI's echoed ``logprobs`` block (token strings mapped by ``to_id``)."""
-    check_echoed_ids(logprobs, sent_ids, to_id)
+    """Completion positions of OpenAI's echoed ``logprobs`` block (token strings mapped by ``to_id``),
+    checked by :func:`wire.echo_block` first."""
+    block = wire.echo_block(logprobs, len(sent_ids), scored_from=prompt_len, k=k, at_least=at_least)
+    check_echoed_ids(block, sent_ids, to_id)
     row = RowScores([], [], [], [])
     for pos in range(prompt_len, len(sent_ids)):
-        sampled = logprobs["token_logprobs"][pos]
-        top = logprobs["top_logprobs"][pos] if logprobs.get("top_logprobs") else None
-        if sampled is None or (k > 0 and top is None):
-            raise RemoteTeacherError(f"position {pos}: the server returned no log-probs for an echoed token")
-        ids, lps = _top_k([(to_id(tok), _finite(lp), 0) for tok, lp in (top or {}).items()], k)
+        top = block["top_logprobs"][pos] if k > 0 else {}
+        ids, lps = _top_k([(to_id(tok), min(float(lp), 0.0), 0) for tok, lp in top.items()], k)
         row.topk_ids.append(ids)
         row.topk_logprobs.append(lps)
-        row.sampled_logprobs.append(_finite(sampled))
+        row.sampled_logprobs.append(min(float(block["token_logprobs"][pos]), 0.0))
         row.mask.append(True)
     return row
 
 
-def check_echoed_ids(logprobs: Mapping[str, Any], sent_ids: Sequence[int], to_id: Callable[[str], int]) -> None:
-    tokens = logprobs.get("tokens") or []
-    if len(tokens) < len(sent_ids):
-        raise RemoteTeacherError(f"the server echoed {len(tokens)} tokens for a {len(sent_ids)}-token prompt")
+def check_echoed_ids(logprobs: Any, sent_ids: Sequence[int], to_id: Callable[[str], int]) -> None:
+    """The echoed ``tokens`` must be the ids that were sent."""
+    tokens = wire.echo_block(logprobs, len(sent_ids), scored_from=len(sent_ids), k=None)["tokens"]
     for pos, (token, sent) in enumerate(zip(tokens, sent_ids)):
         got = to_id(token)
         if got != sent:
@@ -224,9 +232,13 @@ class OpenAICompatTeacher(Teacher):
         self.check_tokenizer = check_tokenizer
         self.timeout_s = timeout_s
 
+        redaction.register_url(self.base_url)
         self._key_source = SecretSource(api_key_env, api_key_file) if (api_key_env or api_key_file) else None
         api_key = self._key_source.read() if self._key_source else "EMPTY"
-        self._client = openai.OpenAI(base_url=self.base_url, api_key=api_key, max_retries=0, timeout=timeout_s)
+        self._client = openai.OpenAI(
+            base_url=self.base_url, api_key=api_key, max_retries=0, timeout=timeout_s,
+            http_client=openai.DefaultHttpxClient(transport=DeadlineTransport(timeout_s, http=_OPENAI_HTTP)),
+        )
         if isinstance(cache, (str, os.PathLike)):
             cache = ResponseCache(cache)
         self.executor = RemoteExecutor(
@@ -251,7 +263,7 @@ class OpenAICompatTeacher(Teacher):
         )
 
     def __repr__(self) -> str:
-        return (
+        return redaction.redact(
             f"OpenAICompatTeacher(name={self.name!r}, base_url={self.base_url!r}, model={self.model!r}, "
             f"server={self.server!r})"
         )
@@ -304,13 +316,17 @@ class OpenAICompatTeacher(Teacher):
         return payload
 
     def _row_call(self, payload: dict[str, Any], sent: list[int], prompt_len: int, k: int) -> Callable[[], dict]:
+        at_least = min(k, len(self.student_tokenizer))
+
         def call() -> dict:
-            choice = self._completions(payload)["choices"][0]
+            choice = wire.first_choice(self._completions(payload))
             if choice.get("prompt_logprobs") is not None:
-                if choice.get("logprobs"):
+                if choice.get("logprobs"):  # echo's block rides along: it must be whole, and echo the ids sent
+                    wire.echo_block(choice["logprobs"], len(sent), scored_from=prompt_len, k=k)
                     check_echoed_ids(choice["logprobs"], sent, self._to_id)
-                row = parse_prompt_logprobs(choice["prompt_logprobs"], sent, prompt_len, k)
+                row = parse_prompt_logprobs(choice["prompt_logprobs"], sent, prompt_len, k, at_least=at_least)
             elif choice.get("logprobs"):
+                # Token strings may merge ids that decode alike: no lower bound on the entries per position.
                 row = parse_echo_logprobs(choice["logprobs"], sent, prompt_len, k, self._to_id)
             else:
                 raise RemoteTeacherError(f"{self!r}: the response carries no log-probs (does the server support echo?)")
@@ -347,8 +363,10 @@ class OpenAICompatTeacher(Teacher):
 
     def _echoed_ids(self, payload: dict[str, Any]) -> dict[str, list[int]]:
         data = self._completions(payload)
-        tokens = data["choices"][0]["logprobs"]["tokens"]
+        tokens = wire.echo_block(wire.first_choice(data).get("logprobs"), 0, scored_from=0, k=None)["tokens"]
         n_prompt = (data.get("usage") or {}).get("prompt_tokens", len(tokens) - payload["max_tokens"])
+        if isinstance(n_prompt, bool) or not isinstance(n_prompt, int) or not 0 <= n_prompt <= len(tokens):
+            raise InvalidResponseError(f"usage.prompt_tokens: {n_prompt!r} for {len(tokens)} echoed tokens")
         return {"ids": [self._to_id(t) for t in tokens[:n_prompt]]}
 
     def _to_id(self, token: str) -> int:
@@ -386,8 +404,7 @@ class OpenAICompatTeacher(Teacher):
                 model=body["model"], messages=body["messages"], max_tokens=body["max_tokens"],
                 temperature=body["temperature"], timeout=self.timeout_s,
             ).content)
-            return {"text": data["choices"][0]["message"]["content"] or "", "model": data.get("model", self.model),
-                    "usage": data.get("usage") or {}}
+            return wire.chat_result(data, self.model)
         return call
 
     # ---------------------------------------------------------------- transport
@@ -411,7 +428,7 @@ class OpenAICompatTeacher(Teacher):
         try:
             raw = send()
         except openai.APITimeoutError:
-            raise RetryableError(f"no response within the {self.timeout_s:g}s timeout") from None
+            raise RetryableError(f"no complete response within the {self.timeout_s:g}s deadline") from None
         except openai.APIConnectionError as err:
             raise RetryableError(f"connection failed: {type(err.__cause__ or err).__name__}") from None
         except openai.APIStatusError as err:
@@ -422,7 +439,6 @@ class OpenAICompatTeacher(Teacher):
         try:
             data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise RetryableError(f"malformed JSON in the response body ({err})") from None
-        if not isinstance(data, dict) or not data.get("choices"):
-            raise RemoteTeacherError(f"{self!r}: unexpected response shape (no choices): {str(data)[:200]}")
+            raise RetryableError(f"malformed JSON in the response body ({type(err).__name__})") from None
+        wire.first_choice(data)
         return data
