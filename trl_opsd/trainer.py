@@ -55,6 +55,7 @@ from trl_opsd.objective import Divergence, TokenTerms, token_terms, window_token
 from trl_opsd.teacher_setup import build_teacher
 from trl_opsd.vllm_rollouts import vllm_generation
 from trl_opsd.teachers.base import TopKScores
+from trl_opsd.teachers.routing import TeacherRouter, check_dataset_routes
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +158,7 @@ class OPSDTrainer(GKDTrainer):
         self.generation_config = GenerationConfig(**self.generation_kwargs)
         self.divergence = Divergence.from_config(args)
         self.teacher, self.teacher_model = self._build_teacher(teacher_model, teacher_processing_class)
+        check_dataset_routes(self.teacher, train_dataset, "train_dataset")
         self._dense_loss_reason = self._why_dense_loss()
         if args.chunked_loss and self._dense_loss_reason is not None:
             logger.info("chunked_loss: using the dense loss, because %s", self._dense_loss_reason)
@@ -363,6 +365,7 @@ class OPSDTrainer(GKDTrainer):
             unpadded_rows(inputs["teacher_prompts"], inputs["teacher_prompt_attention_mask"]),
             unpadded_rows(inputs["completions"], inputs["completion_mask"]),
             self.divergence.top_k,  # 0: the sampled tokens' log-probs only
+            **({"routes": inputs.get("teacher_routes")} if isinstance(self.teacher, TeacherRouter) else {}),
         )
         return scores.to(inputs["completions"].device).pad_to(inputs["completions"].shape[1])
 

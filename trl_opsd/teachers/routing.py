@@ -25,6 +25,7 @@ distribution on the union of the teachers' top-k sets:
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +48,7 @@ class TeacherRouter(Teacher):
         self.teachers = dict(teachers)
         self.default = default
         self.capabilities = frozenset.intersection(*(frozenset(t.capabilities) for t in teachers.values()))
+        self.rows_scored: Counter[str] = Counter()  # rows each teacher has scored (metrics "<name>/rows_scored")
 
     def __repr__(self) -> str:
         return f"TeacherRouter(teachers={sorted(self.teachers)}, default={self.default!r})"
@@ -79,6 +81,7 @@ class TeacherRouter(Teacher):
             name: self.teachers[name].score_topk([prompt_ids[i] for i in rows], [completion_ids[i] for i in rows], k)
             for name, rows in groups.items()
         }
+        self.rows_scored.update({name: len(rows) for name, rows in groups.items()})
         t_max = max((p.mask.shape[1] for p in parts.values()), default=0)
         b = len(prompt_ids)
         merged = TopKScores(
@@ -112,11 +115,32 @@ class TeacherRouter(Teacher):
         return out  # type: ignore[return-value]
 
     def metrics(self) -> dict[str, float]:
-        return {f"{name}/{key}": value for name, t in self.teachers.items() for key, value in t.metrics().items()}
+        counts = {f"{name}/rows_scored": float(self.rows_scored[name]) for name in self.teachers}
+        return counts | {f"{name}/{key}": value for name, t in self.teachers.items() for key, value in t.metrics().items()}
 
     def close(self) -> None:
         for teacher in self.teachers.values():
             teacher.close()
+
+
+def check_dataset_routes(teacher: Teacher | None, dataset, name: str) -> None:
+    """Refuse, before training, a dataset row whose ``teacher`` field the trainer's teacher cannot honour: a route
+    that names no teacher of a :class:`TeacherRouter`, or any route when there is a single teacher (or none)."""
+    if not hasattr(dataset, "__len__") or "teacher" not in (getattr(dataset, "column_names", None) or ()):
+        return  # no dataset, a streaming one (its rows are checked when scored), or no routes
+    routes = list(dataset["teacher"])
+    if isinstance(teacher, TeacherRouter):
+        try:
+            teacher.route(routes, len(routes))
+        except ValueError as error:
+            raise ValueError(f"{name}: {error} (the row's 'teacher' field)") from None
+        return
+    for row, route in enumerate(routes):
+        if route is not None:
+            raise ValueError(
+                f"{name}: row {row}: teacher {route!r} routes the row to a named teacher, but the trainer's teacher "
+                f"is {teacher!r}; pass a TeacherRouter naming every teacher, or drop the 'teacher' column"
+            )
 
 
 @dataclass
