@@ -82,3 +82,23 @@ def test_a_route_naming_no_configured_teacher_is_refused_with_row_and_value(tiny
 def test_routes_with_a_single_teacher_are_refused(tiny_tokenizer, tmp_path):
     with pytest.raises(ValueError, match=r"row 1: teacher 'b' routes the row to a named teacher"):
         _trainer(tiny_tokenizer, tmp_path, _PeakedTeacher("a", 5, 6), _rows([None, "b"]))
+
+
+def test_a_blend_is_a_teacher_whose_loss_is_the_weighted_sum_of_per_teacher_losses(tiny_tokenizer, tmp_path):
+    from trl_opsd.teachers.routing import TeacherBlend
+
+    a, b = _PeakedTeacher("a", 5, 6), _PeakedTeacher("b", 7, 8)
+    blend = TeacherBlend({"a": a, "b": b}, {"a": 3.0, "b": 1.0})
+    rows = _rows([None, None, None])
+    trainer = _trainer(tiny_tokenizer, tmp_path, blend, rows)
+    inputs = trainer._attach_completions(trainer.data_collator(rows), "dataset")
+    student, scores = trainer.completion_signals(trainer.model, inputs, dense=True)
+    mask, completions = inputs["completion_mask"].bool(), inputs["completions"]
+    blended = token_terms(trainer.divergence, student, scores, completions, mask)
+    per_teacher = [token_terms(trainer.divergence, student, part.scores, completions, mask) for part in scores]
+    assert [part.name for part in scores] == ["a", "b"]
+    expected = 0.75 * per_teacher[0].per_token_loss + 0.25 * per_teacher[1].per_token_loss
+    torch.testing.assert_close(blended.per_token_loss, expected)
+    assert not torch.allclose(per_teacher[0].per_token_loss[mask], per_teacher[1].per_token_loss[mask])
+    loss = trainer.compute_loss(trainer.model, inputs)
+    assert torch.isfinite(loss)

@@ -45,9 +45,10 @@ from trl_opsd.losses import (
 )
 from trl_opsd.metrics import pointwise_clip_statistics
 from trl_opsd.teachers.base import Teacher, TopKScores
+from trl_opsd.teachers.routing import BlendedScores
 
 StudentSignal = Tensor | HeadInputs  # logits [B, T, V], or final hidden states + LM head
-TeacherSignal = Tensor | HeadInputs | TopKScores | None  # None: no teacher
+TeacherSignal = Tensor | HeadInputs | TopKScores | BlendedScores | None  # None: no teacher
 
 
 class TeacherRequirement(NamedTuple):
@@ -177,11 +178,28 @@ def token_terms(
 
     ``student`` and ``teacher`` are both logits (dense path) or both :class:`HeadInputs` (chunked path), except that a
     remote teacher's :class:`TopKScores` pairs with either. ``completions`` are the scored token ids, ``mask`` the
-    positions that count.
+    positions that count. A :class:`~trl_opsd.teachers.routing.TeacherBlend`'s scores give ``sum_i w_i * terms_i``.
     """
+    if isinstance(teacher, BlendedScores):
+        parts = [token_terms(divergence, student, part.scores, completions, mask, chunk_size=chunk_size)
+                 for part in teacher]
+        return _weighted_terms(parts, [part.weight for part in teacher])
     if isinstance(student, HeadInputs):
         return _chunked_terms(divergence, student, teacher, completions, mask, chunk_size)
     return _dense_terms(divergence, student, teacher, completions, mask)
+
+
+def _weighted_terms(parts: list[TokenTerms], weights: list[float]) -> TokenTerms:
+    """``sum_i w_i * parts_i`` for the loss, the logged divergence and the clip metrics (the student's entropy is
+    the same in every part)."""
+    def weighted(values):
+        return sum(w * v for w, v in zip(weights, values))
+
+    clip_metrics = None
+    if parts[0].clip_metrics:
+        clip_metrics = {key: weighted(p.clip_metrics[key] for p in parts) for key in parts[0].clip_metrics}
+    return TokenTerms(weighted(p.per_token_loss for p in parts), weighted(p.divergence for p in parts),
+                      parts[0].student_entropy, None, clip_metrics)
 
 
 def _dense_terms(d: Divergence, student_logits: Tensor, teacher, completions: Tensor, mask: Tensor) -> TokenTerms:

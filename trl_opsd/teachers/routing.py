@@ -150,17 +150,36 @@ class WeightedScores:
     scores: TopKScores
 
 
-class TeacherBlend:
-    """Every row scored by every teacher; combine per-teacher losses with :meth:`loss` (see module doc)."""
+class BlendedScores(list):
+    """Every teacher's scores of the same rows with its weight: a list of :class:`WeightedScores`, moved and padded
+    together. :func:`trl_opsd.objective.token_terms` turns it into ``sum_i w_i * terms(scores_i)``."""
 
-    def __init__(self, teachers: Mapping[str, Teacher], weights: Mapping[str, float]) -> None:
+    def to(self, device) -> BlendedScores:
+        return BlendedScores(WeightedScores(p.name, p.weight, p.scores.to(device)) for p in self)
+
+    def pad_to(self, length: int) -> BlendedScores:
+        return BlendedScores(WeightedScores(p.name, p.weight, p.scores.pad_to(length)) for p in self)
+
+
+class TeacherBlend(Teacher):
+    """Every row scored by every teacher; the loss is ``sum_i w_i * loss(scores_i)`` (see the module doc).
+
+    A :class:`Teacher` for the top-k and sampled-token losses: :meth:`score_topk` returns :class:`BlendedScores`,
+    which the trainer's objective weighs term by term.
+    """
+
+    def __init__(self, teachers: Mapping[str, Teacher], weights: Mapping[str, float], *, name: str = "blend") -> None:
         if set(teachers) != set(weights):
             raise ValueError(f"weights {sorted(weights)} must name exactly the teachers {sorted(teachers)}")
         if any(w <= 0 for w in weights.values()):
             raise ValueError(f"blend weights must be positive, got {dict(weights)}")
+        caps = [t.max_top_k for t in teachers.values() if t.max_top_k is not None]
+        super().__init__(name, max_top_k=min(caps) if caps else None)
         total = sum(weights.values())
         self.teachers = dict(teachers)
         self.weights = {name: w / total for name, w in weights.items()}
+        shared = frozenset.intersection(*(frozenset(t.capabilities) for t in self.teachers.values()))
+        self.capabilities = shared & {"topk", "sampled"}
 
     def __repr__(self) -> str:
         return f"TeacherBlend(weights={self.weights})"
@@ -173,11 +192,11 @@ class TeacherBlend:
 
     def score_topk(
         self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], k: int
-    ) -> list[WeightedScores]:
-        return [
+    ) -> BlendedScores:
+        return BlendedScores(
             WeightedScores(name, self.weights[name], teacher.score_topk(prompt_ids, completion_ids, k))
             for name, teacher in self.teachers.items()
-        ]
+        )
 
     @staticmethod
     def loss(loss_fn: Callable[[TopKScores], torch.Tensor], blended: Sequence[WeightedScores]) -> torch.Tensor:
@@ -187,3 +206,7 @@ class TeacherBlend:
 
     def metrics(self) -> dict[str, float]:
         return {f"{name}/{key}": value for name, t in self.teachers.items() for key, value in t.metrics().items()}
+
+    def close(self) -> None:
+        for teacher in self.teachers.values():
+            teacher.close()
