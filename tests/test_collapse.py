@@ -134,3 +134,41 @@ def test_the_trainer_carries_the_guard_unless_off(tiny_tokenizer, tmp_path, mode
     guards = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, CollapseGuard)]
     assert [guard.mode for guard in guards] == ([] if mode == "off" else [mode])
     assert all(guard.max_completion_length == 8 for guard in guards)
+
+
+# -- recorded histories of the arithmetic world (tests/data, BENCHMARKS.md "CollapseGuard") -------------------------
+
+DATA = Path(__file__).parent / "data"
+
+
+def _recorded(name):
+    return json.loads((DATA / f"history_{name}.json").read_text())
+
+
+def _first_significant_fall(record):
+    """The first periodic check whose held-out accuracy is below the start's Wilson 95% lower bound."""
+    from harness.stats import wilson_interval
+
+    low, _ = wilson_interval(record["start_check_correct"], record["num_check_problems"])
+    return next((row["step"] for row in record["history"] if row.get("heldout_accuracy", 1.0) < low), None)
+
+
+def test_the_guard_detects_the_recorded_outcome_rl_collapse_but_only_after_accuracy_fell():
+    """Outcome RL at lr 1e-3 destroys the model within its first 10 steps (held-out 22.5% -> 3% at the first check,
+    step 10); the reward signal fires at step 20, the earliest its 2-log baseline and patience of 2 allow with logs
+    every 5 steps. Recorded so that a change of thresholds shows what it does to this case (README, Status)."""
+    record = _recorded("rl_outcome_lr1e-3")
+    verdict = detect_collapse(record["history"], max_completion_length=record["max_new_tokens"])
+    assert _first_significant_fall(record) == 10
+    assert verdict.collapsed and verdict.step == 20 and verdict.last_healthy_step == 10
+    assert {item.signal for item in verdict.evidence} == {"reward"}
+
+
+def test_the_guard_misses_the_recorded_pointwise_degradation():
+    """Forward KL with the pointwise clip at 0.05 took held-out accuracy from 22.5% to 8.5% by the first check
+    (step 25) and ended at 13.5%, while entropy, length, concentration and the clipped fraction stayed within the
+    thresholds: a degradation the logged metrics do not show. Recorded so that a change of thresholds shows what
+    it does to this case (README, Status)."""
+    record = _recorded("opsd_forward_kl_pointwise0.05")
+    assert _first_significant_fall(record) == 25
+    assert not detect_collapse(record["history"], max_completion_length=record["max_new_tokens"]).collapsed

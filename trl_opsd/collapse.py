@@ -17,7 +17,10 @@ Signals (each against the median of the run's first ``baseline_logs`` training l
 - ``clipped``: ``clipped_fraction`` rose above ``clipped_ratio`` x baseline and above ``clipped_floor``.
 - ``reward``: the on-policy reward fell below ``reward_ratio`` x baseline (where a reward is logged).
 
-The default thresholds come from induced collapses and healthy runs on the arithmetic world (README, Status).
+The default thresholds are a first setting checked against the runs recorded in ``tests/data`` (README, Status):
+on those, the guard detects an outcome-RL collapse only after held-out accuracy has fallen, and misses a slow
+degradation that none of these metrics shows. It is a net for gross failures (non-finite values, runaway lengths,
+a collapsing reward or entropy), not yet an early warning.
 """
 
 from __future__ import annotations
