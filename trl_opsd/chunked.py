@@ -139,7 +139,8 @@ class _DenseDivergence:
             [-_rowdot(student_probs, student_log_probs), -_rowdot(teacher_probs, teacher_log_probs)], dim=-1
         )
         if self.pointwise_cap is not None:
-            clipped = pointwise_clip(divergence_terms(student_log_probs, teacher_log_probs, self.beta), self.pointwise_cap)
+            terms = divergence_terms(student_log_probs, teacher_log_probs, self.beta)
+            clipped = pointwise_clip(terms, self.pointwise_cap)
             stats = torch.stack([clipped.unclipped, clipped.clipped_entries.to(clipped.unclipped.dtype)], dim=-1)
             return clipped.values, None, torch.cat([entropies, stats], dim=-1)
         if self.beta == 0.0:

@@ -263,9 +263,8 @@ def sparse_topk_divergence(
         teacher_topk_logprobs: ``[..., K]`` teacher log-probabilities of those ids, already at the teacher's
             temperature (an API returns them normalised; ``temperature`` is not applied to them). Detached.
     """
-    return divergence_from_log_probs(
-        *topk_bucket_log_probs(student_logits, teacher_topk_ids, teacher_topk_logprobs, temperature), beta, pointwise_cap
-    )
+    buckets = topk_bucket_log_probs(student_logits, teacher_topk_ids, teacher_topk_logprobs, temperature)
+    return divergence_from_log_probs(*buckets, beta, pointwise_cap)
 
 
 def sparse_topk_pointwise_clipped(
@@ -276,7 +275,8 @@ def sparse_topk_pointwise_clipped(
     cap: float,
     temperature: float = 1.0,
 ) -> PointwiseClipped:
-    """:func:`sparse_topk_divergence` with each of the K + 1 bucket terms capped at ``cap``, plus what the cap removed."""
+    """:func:`sparse_topk_divergence` with each of the K + 1 bucket terms capped at ``cap``, plus what the cap
+    removed."""
     buckets = topk_bucket_log_probs(student_logits, teacher_topk_ids, teacher_topk_logprobs, temperature)
     return pointwise_clip(divergence_terms(*buckets, beta), cap)
 

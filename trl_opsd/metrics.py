@@ -36,7 +36,9 @@ def divergence_statistics(divergence: torch.Tensor, mask: torch.Tensor, cap: flo
 
 
 @torch.no_grad()
-def pointwise_clip_statistics(clip: PointwiseClipped, mask: torch.Tensor, entries_per_position: int) -> dict[str, float]:
+def pointwise_clip_statistics(
+    clip: PointwiseClipped, mask: torch.Tensor, entries_per_position: int
+) -> dict[str, float]:
     """What a pointwise clip removed: the fraction of (position, entry) terms above the cap, the mean clipped mass per
     position (``sum_v max(term_v - cap, 0)``) and that mass as a share of the unclipped divergence.
 

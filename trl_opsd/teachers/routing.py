@@ -116,7 +116,8 @@ class TeacherRouter(Teacher):
 
     def metrics(self) -> dict[str, float]:
         counts = {f"{name}/rows_scored": float(self.rows_scored[name]) for name in self.teachers}
-        return counts | {f"{name}/{key}": value for name, t in self.teachers.items() for key, value in t.metrics().items()}
+        own = {f"{name}/{key}": value for name, t in self.teachers.items() for key, value in t.metrics().items()}
+        return counts | own
 
     def close(self) -> None:
         for teacher in self.teachers.values():
