@@ -123,8 +123,8 @@ def test_last_checkpoint_at_or_before(tmp_path):
 def test_the_trainer_carries_the_guard_unless_off(tiny_tokenizer, tmp_path, mode):
     from datasets import Dataset
 
-    from harness.arithmetic import generate_problems, problems_to_rows
-    from harness.tiny_models import build_tiny_model
+    from harness.world.arithmetic import generate_problems, problems_to_rows
+    from harness.world.tiny import build_tiny_model
     from trl_opsd import OPSDTrainer
 
     args = OPSDConfig(output_dir=str(tmp_path), collapse_guard=mode, max_new_tokens=8, report_to="none", use_cpu=True,

@@ -6,8 +6,8 @@ import pytest
 import torch
 from datasets import Dataset
 
-from harness.arithmetic import generate_problems
-from harness.tiny_models import build_tiny_model
+from harness.world.arithmetic import generate_problems
+from harness.world.tiny import build_tiny_model
 from trl_opsd import OPSDConfig, OPSDTrainer
 from trl_opsd.objective import token_terms
 from trl_opsd.teachers.base import RowScores, Teacher, TopKScores
