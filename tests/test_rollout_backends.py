@@ -31,10 +31,10 @@ def _args(tmp_path, **overrides):
     return OPSDConfig(**values)
 
 
-def _trainer(tokenizer, tmp_path, model=None, **overrides):
+def _trainer(tokenizer, tmp_path, model=None, peft_config=None, **overrides):
     return OPSDTrainer(model=model if model is not None else build_tiny_model(tokenizer),
                        args=_args(tmp_path, **overrides), train_dataset=Dataset.from_list(ROWS),
-                       processing_class=tokenizer)
+                       processing_class=tokenizer, peft_config=peft_config)
 
 
 @pytest.fixture
@@ -78,9 +78,10 @@ def _tiny_qwen2(tokenizer, seed=0):
     return model
 
 
-def _student_completions(trainer, rows):
-    """The student's completions of ``rows`` as drawn by the trainer's rollout path."""
-    batch = trainer._attach_completions(trainer.data_collator(rows), "student")
+def _student_completions(trainer, rows, source="student"):
+    """The student's (or with ``source="teacher"``, the teacher's) completions of ``rows`` as drawn by the trainer's
+    rollout path."""
+    batch = trainer._attach_completions(trainer.data_collator(rows), source)
     return batch["completions"], batch["completion_mask"]
 
 
@@ -149,6 +150,28 @@ def test_greedy_completions_identical_to_the_dynamic_cache_through_the_trainer(t
             trainer.model.model.layers[0].mlp.down_proj.weight.mul_(-3.0)
     moved, _ = _student_completions(static, rows)
     assert torch.equal(moved, _student_completions(dynamic, rows)[0]) and not torch.equal(moved, expected)
+
+
+def test_peft_rollouts_use_the_adapters_for_the_student_and_not_for_the_self_teacher(tiny_tokenizer, tmp_path,
+                                                                                     eager_compile):
+    from peft import LoraConfig
+
+    rows = ROWS[:4]
+    completions = {}
+    for backend in ("hf", "hf_static"):
+        torch.manual_seed(0)  # the same random (non-zero) adapters for both backends
+        trainer = _trainer(tiny_tokenizer, tmp_path, model=_peaked_tiny_model(tiny_tokenizer), rollout_backend=backend,
+                           seq_kd=True, gradient_checkpointing=True,
+                           peft_config=LoraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                  init_lora_weights=False))
+        trainer.generation_config.do_sample = False
+        # student, teacher (adapters disabled: another compiled graph), student again (back to the first one)
+        completions[backend] = [_student_completions(trainer, rows, source)[0]
+                                for source in ("student", "teacher", "student")]
+    for expected, got in zip(completions["hf"], completions["hf_static"]):
+        assert torch.equal(expected, got)
+    student, teacher, student_again = completions["hf_static"]
+    assert not torch.equal(student, teacher) and torch.equal(student, student_again)
 
 
 @pytest.mark.slow  # builds the arithmetic world when it is not cached
