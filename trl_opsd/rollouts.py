@@ -75,3 +75,26 @@ def fixed_shape_prompts(prompts: torch.Tensor, prompt_mask: torch.Tensor, pad_to
         prompts = torch.cat([prompts, prompts[:1].expand(extra_rows, -1)], dim=0)
         prompt_mask = torch.cat([prompt_mask, prompt_mask[:1].expand(extra_rows, -1)], dim=0)
     return prompts, prompt_mask
+
+
+def drop_stale_input_grad_hooks(model: nn.Module) -> int:
+    """Remove the input-embedding hooks that earlier ``gradient_checkpointing_enable`` calls left behind; the number
+    removed.
+
+    TRL turns gradient checkpointing off for each rollout and back on after it; every ``enable`` registers a new
+    ``make_inputs_require_grads`` hook on the input embeddings without removing the previous one (only PEFT models
+    remove it on ``disable``). Besides growing without bound, the hook count is part of a compiled decode step's
+    guards, so every training step would recompile it. The hooks ``model`` still holds handles to are kept.
+    """
+    modules = [module for module in model.modules() if hasattr(module, "_require_grads_hooks")]
+    kept = {handle.id for module in modules for handle in module._require_grads_hooks}
+    removed = 0
+    for module in model.modules():
+        hooks = getattr(module, "_forward_hooks", None)
+        if not hooks:
+            continue
+        for hook_id in [hook_id for hook_id, hook in hooks.items()
+                        if getattr(hook, "__name__", "") == "make_inputs_require_grads" and hook_id not in kept]:
+            del hooks[hook_id]
+            removed += 1
+    return removed

@@ -52,7 +52,13 @@ from trl_opsd.forward import (
 )
 from trl_opsd.metrics import divergence_statistics
 from trl_opsd.objective import Divergence, TokenTerms, token_terms, window_token_mean
-from trl_opsd.rollouts import bucket_width, fixed_shape_prompts, generation_config_for, require_static_cache
+from trl_opsd.rollouts import (
+    bucket_width,
+    drop_stale_input_grad_hooks,
+    fixed_shape_prompts,
+    generation_config_for,
+    require_static_cache,
+)
 from trl_opsd.teacher_setup import build_teacher
 from trl_opsd.vllm_rollouts import vllm_generation
 from trl_opsd.teachers.base import TopKScores
@@ -304,6 +310,8 @@ class OPSDTrainer(GKDTrainer):
                 batch["completions"], batch["completion_mask"] = self._sample(
                     unwrapped, batch["prompts"], batch["prompt_attention_mask"], self.args.max_prompt_length
                 )
+            # Leaving the context turned gradient checkpointing back on, leaking one hook (see the function).
+            drop_stale_input_grad_hooks(self.accelerator.unwrap_model(self.model))
         elif source == "teacher":
             student = self.accelerator.unwrap_model(self.model)
             with self.teacher.generation_model(student) as teacher_generator:
