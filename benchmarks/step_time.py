@@ -84,8 +84,8 @@ def _trainer(arm: str, args: argparse.Namespace):
     from datasets import Dataset
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    from harness.arithmetic import generate_problems, problems_to_rows
-    from harness.tiny_models import build_tokenizer
+    from harness.world.arithmetic import generate_problems, problems_to_rows
+    from harness.world.tiny import build_tokenizer
     from trl_opsd import OPSDConfig, OPSDTrainer
 
     tokenizer = build_tokenizer()

@@ -91,17 +91,20 @@ def find_sample_files(run: Path) -> dict[str, Path]:
 def read_samples(sample_file: Path) -> dict[str, dict[int, dict]]:
     """Sample lines of one log grouped as ``{filter: {doc_id: sample}}``."""
     grouped: dict[str, dict[int, dict]] = {}
-    with open(sample_file, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with open(sample_file, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            where = f"{sample_file}:{line_number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise CompareError(f"{where}: not UTF-8 text ({err.reason} at byte {err.start} of the line)") from None
             if not line.strip():
                 continue
             try:
                 sample = json.loads(line)
             except json.JSONDecodeError as err:
-                raise CompareError(f"{sample_file}:{line_number}: not valid JSON ({err.msg})") from None
-            missing = [key for key in ("doc_id", "filter", "doc_hash") if key not in sample]
-            if missing:
-                raise CompareError(f"{sample_file}:{line_number}: sample lacks {', '.join(missing)}")
+                raise CompareError(f"{where}: not valid JSON ({err.msg})") from None
+            check_sample(sample, where)
             per_filter = grouped.setdefault(sample["filter"], {})
             if sample["doc_id"] in per_filter:
                 raise CompareError(
@@ -111,6 +114,30 @@ def read_samples(sample_file: Path) -> dict[str, dict[int, dict]]:
     if not grouped:
         raise CompareError(f"{sample_file}: empty sample log")
     return grouped
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_sample(sample, where: str) -> None:
+    """Refuse a sample line whose fields compare reads with the wrong types, naming ``where`` (file:line)."""
+    if not isinstance(sample, dict):
+        raise CompareError(f"{where}: a sample line must be a JSON object, got {type(sample).__name__}")
+    missing = [key for key in ("doc_id", "filter", "doc_hash") if key not in sample]
+    if missing:
+        raise CompareError(f"{where}: sample lacks {', '.join(missing)}")
+    expected = {"doc_id": (int, "an integer"), "filter": (str, "a string"), "doc_hash": (str, "a string")}
+    for key, (kind, name) in expected.items():
+        value = sample[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CompareError(f"{where}: field {key!r} must be {name}, got {type(value).__name__} {value!r}")
+    for key in (TOKENS_FIELD, DIFFICULTY_FIELD):
+        value = sample.get(key)
+        if _is_number(value) and not math.isfinite(value):
+            raise CompareError(f"{where}: field {key!r} is {value}; it must be a finite number")
+    if _is_number(sample.get(TOKENS_FIELD)) and sample[TOKENS_FIELD] < 0:
+        raise CompareError(f"{where}: field {TOKENS_FIELD!r} is negative ({sample[TOKENS_FIELD]})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -552,10 +579,28 @@ def _default_names(runs: list[Path]) -> list[str]:
     return [f"run{i + 1}:{name}" for i, name in enumerate(names)]
 
 
+def check_output_paths(paths: list[Path | None]) -> None:
+    """Refuse outputs that cannot be written before anything is computed or written (no half-written set)."""
+    for path in filter(None, paths):
+        if path.is_dir():
+            raise CompareError(f"{path}: is a folder; give a file path")
+        if not path.parent.is_dir():
+            raise CompareError(f"{path}: its folder {path.parent} does not exist; create it first")
+
+
+def report_json(report: dict) -> str:
+    """The report as strict JSON (a NaN or infinity would make the file unreadable to strict parsers)."""
+    try:
+        return json.dumps(report, indent=2, allow_nan=False) + "\n"
+    except ValueError as err:
+        raise CompareError(f"the report holds a non-finite number and cannot be written as JSON ({err})") from None
+
+
 def run(args: argparse.Namespace) -> int:
     """Run a comparison from parsed :func:`add_arguments` options; exit status 0, or 2 with the
     reason on stderr when the inputs are unusable."""
     try:
+        check_output_paths([args.json, args.markdown, args.plot])
         names = args.names or _default_names(args.runs)
         bucket_names = args.bucket_names
         if bucket_names is None:
@@ -565,12 +610,13 @@ def run(args: argparse.Namespace) -> int:
         settings = Settings(args.confidence, args.n_resamples, args.seed, tuple(args.bucket_edges), tuple(bucket_names))
         report = compare(args.runs, names, args.metric, settings)
         markdown = to_markdown(report)
+        json_text = report_json(report) if args.json else None
+        if args.plot:  # first: the one output that can still fail ("nothing to plot")
+            forest_plot(report, args.plot)
         if args.json:
-            args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+            args.json.write_text(json_text, encoding="utf-8")
         if args.markdown:
             args.markdown.write_text(markdown, encoding="utf-8")
-        if args.plot:
-            forest_plot(report, args.plot)
     except (CompareError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

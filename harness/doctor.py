@@ -158,7 +158,7 @@ def check_vllm(require: bool) -> Check:
     if version is None:
         return _problem("vllm", require, "not installed", "the vllm package is absent",
                         "pip install vllm on a GPU machine; serve a teacher with `vllm serve <model>` and point "
-                        "recipes/opd.py at it with teacher_api_base")
+                        "trl-opsd opd (harness/recipes/opd.py) at it with teacher_api_base")
     return Check("vllm", "ok", f"vllm {version} installed")
 
 

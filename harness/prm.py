@@ -41,12 +41,13 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from harness.remote_teachers import add_text_teacher_arguments, remote_teacher, remote_teacher_from_args
 from trl_opsd.teachers import ResponseCache, Teacher
 from trl_opsd.teachers.cache import cache_key
 
@@ -461,47 +462,21 @@ class PRMJudge:
 # command-line plumbing shared by `trl-opsd rs-sft` and `trl-opsd prm-calibrate`
 # --------------------------------------------------------------------------------------------
 
-TEXT_BACKENDS = ("openai", "vllm", "cortex-openai", "cortex")
 
+@dataclass(frozen=True)
+class StubJudge:
+    """A judge served on loopback for ``--judge stub``: its model name, and a context manager that serves it
+    and yields its base URL (without ``/v1``). The arithmetic world's is ``harness.world.stub_judge.STUB_JUDGE``."""
 
-def add_text_teacher_arguments(parser: argparse.ArgumentParser, prefix: str, what: str) -> None:
-    """``--{prefix}-url/-backend/-api-key-env/-api-key-file/-http-cache/-concurrency`` for a remote text
-    teacher (the model flag is added by the caller: the judge may take several)."""
-    parser.add_argument(f"--{prefix}-url", default=None, help=f"{what}: base URL (OpenAI-compatible: including "
-                        "/v1; Cortex: the account URL)")
-    parser.add_argument(f"--{prefix}-backend", choices=TEXT_BACKENDS, default="openai",
-                        help=f"{what}: wire format (default: %(default)s)")
-    parser.add_argument(f"--{prefix}-api-key-env", default=None,
-                        help=f"{what}: environment variable holding the API key / token (never logged)")
-    parser.add_argument(f"--{prefix}-api-key-file", default=None, help=f"{what}: file holding the API key / token")
-    parser.add_argument(f"--{prefix}-http-cache", default=None, help=f"{what}: SQLite cache of raw HTTP responses")
-    parser.add_argument(f"--{prefix}-concurrency", type=int, default=8, help=f"{what}: requests in flight")
-
-
-def text_teacher_from_args(args: argparse.Namespace, prefix: str, model: str) -> Teacher:
-    """A generating teacher from the ``add_text_teacher_arguments`` flags; secrets come from the environment
-    or a file, never from the command line."""
-    from trl_opsd.teachers import CortexAuth, CortexTeacher, OpenAICompatTeacher
-
-    opt = lambda name: getattr(args, f"{prefix}_{name}")  # noqa: E731
-    url, backend, cache = opt("url"), opt("backend"), opt("http_cache")
-    if not url:
-        raise SystemExit(f"--{prefix}-url is required")
-    if backend == "cortex":
-        auth = CortexAuth.bearer(env=opt("api_key_env") or "SNOWFLAKE_PAT", file=opt("api_key_file"))
-        return CortexTeacher(url, model, auth=auth, cache=cache, max_concurrency=opt("concurrency"))
-    if backend == "cortex-openai":
-        return OpenAICompatTeacher.for_cortex(url, model, pat_env=opt("api_key_env") or "SNOWFLAKE_PAT",
-                                              pat_file=opt("api_key_file"), cache=cache,
-                                              max_concurrency=opt("concurrency"))
-    return OpenAICompatTeacher(url, model, server=backend, api_key_env=opt("api_key_env"),
-                               api_key_file=opt("api_key_file"), cache=cache, max_concurrency=opt("concurrency"))
+    model: str
+    serve: Callable[[], contextlib.AbstractContextManager[str]]
 
 
 def add_judge_arguments(parser: argparse.ArgumentParser, *, several_models: bool = False) -> None:
     parser.add_argument("--judge", choices=("none", "stub", "remote"), default="stub",
-                        help="PRM judge: 'stub' serves the verifier-backed arithmetic stub (harness/prm_stub.py) on "
-                        "loopback and talks to it over the chat-completions wire; 'remote' uses --judge-url")
+                        help="PRM judge: 'stub' serves the verifier-backed arithmetic stub "
+                        "(harness/world/stub_judge.py) on loopback and talks to it over the chat-completions wire; "
+                        "'remote' uses --judge-url")
     parser.add_argument("--judge-model", action="append" if several_models else "store", default=None,
                         help="judge model name" + (" (repeat to calibrate several)" if several_models else ""))
     add_text_teacher_arguments(parser, "judge", "PRM judge")
@@ -516,11 +491,10 @@ def add_judge_arguments(parser: argparse.ArgumentParser, *, several_models: bool
 
 
 @contextlib.contextmanager
-def judges_from_args(args: argparse.Namespace, default_db: str | os.PathLike) -> Iterator[dict[str, PRMJudge]]:
-    """``{judge model: PRMJudge}`` from the ``add_judge_arguments`` flags (empty for ``--judge none``); a stub
-    judge server is started for the duration of the block."""
-    from harness.prm_stub import STUB_MODEL, serve_stub_judge
-
+def judges_from_args(args: argparse.Namespace, default_db: str | os.PathLike,
+                     stub_judge: StubJudge | None = None) -> Iterator[dict[str, PRMJudge]]:
+    """``{judge model: PRMJudge}`` from the ``add_judge_arguments`` flags (empty for ``--judge none``);
+    ``stub_judge`` is served for the duration of the block under ``--judge stub``."""
     rubric = open(args.rubric_file).read() if args.rubric_file else DEFAULT_RUBRIC
     db = args.judge_cache or default_db
     models = args.judge_model if isinstance(args.judge_model, list) else [args.judge_model]
@@ -532,19 +506,18 @@ def judges_from_args(args: argparse.Namespace, default_db: str | os.PathLike) ->
             yield {}
             return
         if args.judge == "stub":
-            from trl_opsd.teachers import OpenAICompatTeacher
-
-            url = stack.enter_context(serve_stub_judge())
-            teacher = OpenAICompatTeacher(f"{url}/v1", STUB_MODEL, server="openai",
-                                          max_concurrency=args.judge_concurrency)
+            if stub_judge is None:
+                raise SystemExit("--judge stub: this command has no stub judge; use --judge remote or --judge none")
+            url = stack.enter_context(stub_judge.serve())
+            teacher = remote_teacher(f"{url}/v1", stub_judge.model, "openai", max_concurrency=args.judge_concurrency)
             stack.callback(teacher.close)
-            yield {STUB_MODEL: PRMJudge(teacher, **settings)}
+            yield {stub_judge.model: PRMJudge(teacher, **settings)}
             return
         if not models or models == [None]:
             raise SystemExit("--judge remote needs --judge-model")
         judges = {}
         for model in models:
-            teacher = text_teacher_from_args(args, "judge", model)
+            teacher = remote_teacher_from_args(args, "judge", model)
             stack.callback(teacher.close)
             judges[model] = PRMJudge(teacher, **settings)
         yield judges

@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from harness.prm import PRMJudge, add_judge_arguments, split_steps
+from harness.io import read_jsonl
+from harness.prm import PRMJudge, StubJudge, add_judge_arguments, judges_from_args, split_steps
 from harness.stats import auroc_ci, spearman_ci
 from harness.verifiers import is_correct
 
@@ -144,40 +145,19 @@ def load_rollouts(path: str | Path) -> list[Rollout]:
     ``completions``), or one rollout per line with ``question`` (or ``messages``), ``completion`` (or
     ``text``) and ``correct`` (or a gold ``answer`` for the verifier)."""
     rollouts = []
-    with open(path) as handle:
-        for i, line in enumerate(filter(str.strip, handle)):
-            row = json.loads(line)
-            if "completions" in row:
-                question = next(m["content"] for m in reversed(row["messages"]) if m["role"] == "user")
-                for c in row["completions"]:
-                    correct = c["correct"] if c.get("correct") is not None else is_correct(c["text"], row["answer"])
-                    rollouts.append(Rollout(question, c["text"], bool(correct)))
-                continue
-            question = row.get("question") or next(m["content"] for m in reversed(row["messages"])
-                                                    if m["role"] == "user")
-            text = row.get("completion", row.get("text"))
-            if text is None:
-                raise ValueError(f"{path} line {i + 1}: no 'completion' or 'text'")
-            correct = row["correct"] if "correct" in row else is_correct(text, row["answer"])
-            rollouts.append(Rollout(question, text, bool(correct)))
-    return rollouts
-
-
-def world_rollouts(model_path: str, *, num_prompts: int, samples: int, temperature: float, split: str,
-                   prompt_seed: int, seed: int, max_new_tokens: int = 48) -> list[Rollout]:
-    """Fresh student rollouts on the arithmetic world, labelled by the verifier (seed 2.6b / 2.7b)."""
-    from harness.arms import load
-    from harness.rs_sft import StudentSampler, world_prompts
-
-    model, tokenizer = load(model_path)
-    sampler = StudentSampler(model, tokenizer, name=model_path, temperature=temperature,
-                             max_new_tokens=max_new_tokens, seed=seed)
-    prompts = world_prompts(num_prompts, split, prompt_seed)
-    rollouts = []
-    for start in range(0, len(prompts), 16):
-        chunk = prompts[start:start + 16]
-        for prompt, texts in zip(chunk, sampler.sample(chunk, samples)):
-            rollouts += [Rollout(prompt.question, t, is_correct(t, prompt.answer)) for t in texts]
+    for i, row in enumerate(read_jsonl(path)):
+        if "completions" in row:
+            question = next(m["content"] for m in reversed(row["messages"]) if m["role"] == "user")
+            for c in row["completions"]:
+                correct = c["correct"] if c.get("correct") is not None else is_correct(c["text"], row["answer"])
+                rollouts.append(Rollout(question, c["text"], bool(correct)))
+            continue
+        question = row.get("question") or next(m["content"] for m in reversed(row["messages"]) if m["role"] == "user")
+        text = row.get("completion", row.get("text"))
+        if text is None:
+            raise ValueError(f"{path} row {i + 1}: no 'completion' or 'text'")
+        correct = row["correct"] if "correct" in row else is_correct(text, row["answer"])
+        rollouts.append(Rollout(question, text, bool(correct)))
     return rollouts
 
 
@@ -187,47 +167,25 @@ def world_rollouts(model_path: str, *, num_prompts: int, samples: int, temperatu
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command's flags; where fresh rollouts come from is added by the caller
+    (``harness.world.prm_calibration`` for ``trl-opsd prm-calibrate``)."""
     parser.add_argument("--out", required=True, help="output directory for report.json / report.md")
     parser.add_argument("--rollouts", default=None,
-                        help="rollouts JSONL (rs-sft samples.jsonl or question/completion/correct rows); default: "
-                        "sample fresh ones from the arithmetic-world student")
-    world = parser.add_argument_group("fresh arithmetic-world rollouts (without --rollouts)")
-    world.add_argument("--model", default="world", help="student checkpoint; 'world' = the warm-started world model")
-    world.add_argument("--num-prompts", type=int, default=100)
-    world.add_argument("--samples", "-k", type=int, default=4)
-    world.add_argument("--temperature", type=float, default=0.7)
-    world.add_argument("--prompt-split", default="validation")
-    world.add_argument("--prompt-seed", type=int, default=2)
-    world.add_argument("--seed", type=int, default=0)
+                        help="rollouts JSONL (rs-sft samples.jsonl or question/completion/correct rows)")
     parser.add_argument("--aggregations", nargs="+", choices=("min", "mean", "last", "product"), default=None,
                         help="default: min mean last (+ product with --probabilities)")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the CIs")
     add_judge_arguments(parser, several_models=True)
 
 
-def run(args: argparse.Namespace) -> int:
-    from harness.prm import judges_from_args
-
+def run(args: argparse.Namespace, rollouts: Sequence[Rollout], stub_judge: StubJudge | None = None) -> int:
+    """Calibrate the judges of the flags on ``rollouts``; ``stub_judge`` serves ``--judge stub``."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.rollouts:
-        rollouts = load_rollouts(args.rollouts)
-    else:
-        path = args.model
-        if path == "world":
-            from harness.warm_start import warm_start
-
-            path = warm_start().path
-        rollouts = world_rollouts(str(path), num_prompts=args.num_prompts, samples=args.samples,
-                                  temperature=args.temperature, split=args.prompt_split,
-                                  prompt_seed=args.prompt_seed, seed=args.seed)
-        with open(out / "rollouts.jsonl", "w") as handle:
-            for r in rollouts:
-                handle.write(json.dumps({"question": r.question, "completion": r.text, "correct": r.correct}) + "\n")
     aggregations = args.aggregations or (["min", "mean", "last"] + (["product"] if args.probabilities else []))
     if args.judge == "none":
         raise SystemExit("prm-calibrate needs a judge (--judge stub or --judge remote)")
-    with judges_from_args(args, out / "judge_cache.sqlite") as judges:
+    with judges_from_args(args, out / "judge_cache.sqlite", stub_judge) as judges:
         report = calibrate(rollouts, judges, aggregations, n_resamples=args.bootstrap, progress=True)
         report["judge_calls_this_run"] = {name: judge.metrics() for name, judge in judges.items()}
     (out / "report.json").write_text(json.dumps(report, indent=2))
@@ -236,4 +194,3 @@ def run(args: argparse.Namespace) -> int:
     print(text)
     print(f"judge calls this run: {report['judge_calls_this_run']}")
     return 0
-

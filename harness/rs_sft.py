@@ -3,7 +3,8 @@ ones the verifier and/or the PRM judge accept, and write an SFT-ready chat datas
 
 Files in the output directory:
 
-- ``job.json``: what produced the samples (sampler, K, judge); a resumed job must match it.
+- ``job.json``: what produced the samples (sampler, K, judge); a resumed job must match it. Written
+  atomically (a kill leaves the old file or the new one, never half of one).
 - ``samples.jsonl``: the append-only log, one line per prompt with all K completions, their verifier
   labels and PRM step scores, written and flushed as each chunk of prompts finishes. It is keyed by
   prompt id: a killed job resumes where it stopped (a torn last line is cut off and redone), never
@@ -16,6 +17,11 @@ Files in the output directory:
 Reproducibility: the in-process student samples a fixed chunk of prompts (by position in the prompt
 list) in one batch with a seed derived from the chunk, so a resumed job regenerates a half-written
 chunk exactly. An API teacher's samples are reproducible through its response cache (``--teacher-cache``).
+
+What a kill costs: the samples of the unfinished chunk of prompts (``--chunk-prompts``), and the PRM judge's
+verdicts on them: the judge cache (``--judge-cache``) saves verdicts per batch of up to 64 rollouts, so a kill
+re-pays at most the judge calls of one such batch, none with ``--judge-http-cache`` (every reply is cached as it
+arrives).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -33,7 +40,9 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from harness.prm import PRMJudge, add_judge_arguments, add_text_teacher_arguments, aggregate, split_steps
+from harness.io import atomic_write_text, read_jsonl_objects, write_jsonl
+from harness.prm import PRMJudge, StubJudge, add_judge_arguments, aggregate, judges_from_args, split_steps
+from harness.remote_teachers import add_text_teacher_arguments
 from harness.stats import bootstrap_mean, pass_at_k, pass_at_k_mean, wilson_interval
 from harness.verifiers import is_correct
 from trl_opsd.teachers import Teacher
@@ -81,16 +90,14 @@ def prompt_from_row(row: dict[str, Any], index: int) -> PromptRow:
 
 
 def load_prompts(path: str | os.PathLike) -> list[PromptRow]:
-    with open(path) as handle:
-        rows = [json.loads(line) for line in handle if line.strip()]
-    return [prompt_from_row(row, i) for i, row in enumerate(rows)]
-
-
-def world_prompts(n: int, split: str = "train", seed: int = 1) -> list[PromptRow]:
-    """``n`` arithmetic-world problems as prompts (with gold answers)."""
-    from harness.arithmetic import generate_problems
-
-    return [prompt_from_row(p.to_row(), i) for i, p in enumerate(generate_problems(n, split, seed=seed))]
+    """Prompts of a JSONL file; a line that is not a JSON object is refused with the file and line number."""
+    prompts = []
+    for line_number, row in read_jsonl_objects(path):
+        try:
+            prompts.append(prompt_from_row(row, len(prompts)))
+        except (ValueError, TypeError, AttributeError, KeyError) as error:
+            raise ValueError(f"{path}:{line_number}: {error}") from None
+    return prompts
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,24 +294,31 @@ def run_rs_sft(
     bar.close()
     records = [log.records[p.id] for p in prompts]
     rows = sft_rows(records, settings)
-    _write_jsonl(out / "sft.jsonl", rows)
+    write_jsonl(out / "sft.jsonl", rows)
     report = build_report(records, settings, samples=samples, n_resamples=n_resamples)
     report.update(sampler=sampler.describe(), judge=judge.describe() if judge else None, sft_rows=len(rows))
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(render_markdown(report))
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+    atomic_write_text(out / "report.md", render_markdown(report))
     return report
 
 
 def _check_job(path: Path, fingerprint: dict[str, Any]) -> None:
     if path.exists():
-        stored = json.loads(path.read_text())
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(
+                f"{path} is not valid JSON ({error}): a run killed while writing it (before it was written "
+                f"atomically). It only records the job's settings: delete it and rerun the same command to resume "
+                f"from {path.parent / 'samples.jsonl'}, or use a new --out"
+            ) from None
         if stored != json.loads(json.dumps(fingerprint)):
             raise ValueError(
                 f"{path.parent} holds a job made with other settings:\n  stored:  {stored}\n  now:     {fingerprint}\n"
                 "resume with the same sampler, K and judge, or use a new --out"
             )
     else:
-        path.write_text(json.dumps(fingerprint, indent=2))
+        atomic_write_text(path, json.dumps(fingerprint, indent=2))
 
 
 def _records(prompts: Sequence[PromptRow], texts: Sequence[Sequence[str]], judge: PRMJudge | None) -> list[dict]:
@@ -334,14 +348,6 @@ def sft_rows(records: Sequence[dict], settings: FilterSettings) -> list[dict]:
             rows.append({"id": record["id"], "messages": [*record["messages"], {"role": "assistant", "content": text}],
                          "answer": record["answer"]})
     return rows
-
-
-def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)  # readers never see a half-written dataset
 
 
 # --------------------------------------------------------------------------------------------
@@ -486,22 +492,23 @@ def _merge_runs(table: list[dict]) -> list[tuple[dict, dict]]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command's flags; where prompts and the student come from is added by the caller
+    (``harness.world.rs_sft`` for ``trl-opsd rs-sft``)."""
     parser.add_argument("--out", required=True, help="output directory (resumable: rerun the same command)")
-    src = parser.add_argument_group("prompts (default: the arithmetic world's train split)")
+    src = parser.add_argument_group("prompts")
     src.add_argument("--prompts", default=None, help="JSONL in the dataset contract (messages|prompt, id, answer)")
-    src.add_argument("--num-prompts", type=int, default=200)
-    src.add_argument("--prompt-split", default="train")
-    src.add_argument("--prompt-seed", type=int, default=1)
     smp = parser.add_argument_group("sampling")
     smp.add_argument("--sampler", choices=("student", "teacher"), default="student")
-    smp.add_argument("--model", default="world", help="student checkpoint; 'world' = the warm-started world model")
+    smp.add_argument("--model", default=None, help="student checkpoint (with --sampler student; default: %(default)s)")
     smp.add_argument("--teacher-model", default=None, help="text teacher model (with --sampler teacher)")
     add_text_teacher_arguments(smp, "teacher", "text teacher")
     smp.add_argument("--samples", "-k", type=int, default=8, help="completions per prompt (K)")
     smp.add_argument("--temperature", type=float, default=1.0)
     smp.add_argument("--max-new-tokens", type=int, default=48)
     smp.add_argument("--seed", type=int, default=0)
-    smp.add_argument("--chunk-prompts", type=int, default=16, help="prompts per sampling batch and log flush")
+    smp.add_argument("--chunk-prompts", type=int, default=16, help="prompts per sampling batch and log flush "
+                     "(a kill re-pays the unfinished chunk's samples, and its judge calls without "
+                     "--judge-http-cache)")
     flt = parser.add_argument_group("filter")
     flt.add_argument("--filter", choices=FILTERS, default="both")
     flt.add_argument("--aggregation", choices=("min", "mean", "last", "product"), default="min")
@@ -510,35 +517,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_judge_arguments(parser)
 
 
-def _sampler_from_args(args: argparse.Namespace):
-    if args.sampler == "teacher":
-        from harness.prm import text_teacher_from_args
+def teacher_sampler_from_args(args: argparse.Namespace) -> TeacherSampler:
+    """``--sampler teacher``: a text teacher over its API, from the ``--teacher-*`` flags."""
+    from harness.remote_teachers import remote_teacher_from_args
 
-        if not args.teacher_model:
-            raise SystemExit("--sampler teacher needs --teacher-model")
-        teacher = text_teacher_from_args(args, "teacher", args.teacher_model)
-        return TeacherSampler(teacher, temperature=args.temperature, max_tokens=args.max_new_tokens)
-    from harness.arms import load
+    if not args.teacher_model:
+        raise SystemExit("--sampler teacher needs --teacher-model")
+    teacher = remote_teacher_from_args(args, "teacher", args.teacher_model)
+    return TeacherSampler(teacher, temperature=args.temperature, max_tokens=args.max_new_tokens)
 
-    path = args.model
-    if path == "world":
-        from harness.warm_start import warm_start
 
-        path = warm_start().path
-    model, tokenizer = load(path)
-    return StudentSampler(model, tokenizer, name=str(path), temperature=args.temperature,
+def student_sampler(model, tokenizer, name: str, args: argparse.Namespace) -> StudentSampler:
+    """``--sampler student``: the loaded ``model`` with the sampling flags."""
+    return StudentSampler(model, tokenizer, name=name, temperature=args.temperature,
                           max_new_tokens=args.max_new_tokens, seed=args.seed)
 
 
-def run(args: argparse.Namespace) -> int:
-    from harness.prm import judges_from_args
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse flag values that would fail (or silently mislead) only after models load, naming the flag."""
+    for flag, minimum in (("samples", 1), ("chunk_prompts", 1), ("num_prompts", 1), ("max_new_tokens", 1),
+                          ("ensemble", 1), ("teacher_concurrency", 1), ("judge_concurrency", 1)):
+        value = getattr(args, flag, None)
+        if value is not None and value < minimum:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least {minimum}, got {value}")
+    if args.max_per_prompt is not None and args.max_per_prompt < 1:
+        raise ValueError(f"--max-per-prompt must be at least 1 (or left out), got {args.max_per_prompt}")
+    for flag in ("temperature", "tau", "ensemble_temperature"):
+        value = getattr(args, flag, None)
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"--{flag.replace('_', '-')} must be a finite number, got {value}")
+    if args.temperature < 0 or (args.sampler == "student" and args.temperature == 0):
+        raise ValueError(f"--temperature must be > 0 for sampling (>= 0 for --sampler teacher), got {args.temperature}")
+    for prefix, used in (("teacher", args.sampler == "teacher"), ("judge", args.judge == "remote")):
+        env = getattr(args, f"{prefix}_api_key_env", None)
+        if used and env and not os.environ.get(env):
+            raise ValueError(f"--{prefix}-api-key-env names {env}, which is not set (or empty) in this environment")
+        key_file = getattr(args, f"{prefix}_api_key_file", None)
+        if used and key_file and not os.path.isfile(key_file):
+            raise ValueError(f"--{prefix}-api-key-file {key_file}: no such file")
 
-    prompts = load_prompts(args.prompts) if args.prompts else world_prompts(args.num_prompts, args.prompt_split,
-                                                                          args.prompt_seed)
+
+def run(args: argparse.Namespace, prompts: Sequence[PromptRow], sampler: StudentSampler | TeacherSampler,
+        stub_judge: StubJudge | None = None) -> int:
+    """The command on given prompts and sampler; ``stub_judge`` serves ``--judge stub``."""
     settings = FilterSettings(filter=args.filter, aggregation=args.aggregation, tau=args.tau,
                               max_per_prompt=args.max_per_prompt)
-    sampler = _sampler_from_args(args)
-    with judges_from_args(args, Path(args.out) / "judge_cache.sqlite") as judges:
+    with judges_from_args(args, Path(args.out) / "judge_cache.sqlite", stub_judge) as judges:
         judge = next(iter(judges.values()), None)
         report = run_rs_sft(prompts, sampler, args.out, samples=args.samples, judge=judge, settings=settings,
                             chunk_prompts=args.chunk_prompts)
@@ -546,4 +570,3 @@ def run(args: argparse.Namespace) -> int:
             print(f"judge calls this run: {judge.metrics()}")
     print(render_markdown(report))
     return 0
-

@@ -13,7 +13,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from harness.tiny_models import build_tokenizer
+    from harness.world.tiny import build_tokenizer
 
     return build_tokenizer()
 
@@ -21,6 +21,6 @@ def tiny_tokenizer():
 @pytest.fixture(scope="session")
 def warm_world():
     """The warm-started arithmetic-world model (trained once, then loaded from the on-disk cache)."""
-    from harness.warm_start import warm_start
+    from harness.world.warm_start import warm_start
 
     return warm_start()

@@ -7,7 +7,6 @@ DeepSpeed / FSDP plugin is constructed from it exactly as in the launched proces
 """
 
 import copy
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,9 +16,8 @@ from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataP
 from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from recipes import launch_env  # noqa: E402
+from harness.recipes import launch_env
 
 CONFIGS = REPO / "accelerate_configs"
 EXPECTED = {  # file -> (distributed type, processes, mixed_precision in the file)

@@ -218,7 +218,7 @@ def test_missing_inputs_are_clear_errors(tmp_path, capsys):
     assert compare.compare_main([str(a), str(tmp_path / "empty")]) == 2
     assert "--log_samples" in capsys.readouterr().err
     assert compare.compare_main([str(a), str(a), "--json", str(tmp_path / "no" / "dir.json")]) == 2
-    assert "No such file or directory" in capsys.readouterr().err
+    assert "does not exist; create it first" in capsys.readouterr().err
     write_run(tmp_path / "other", {"none": outcomes(0, 0.5)}, task="other_task")
     assert compare.compare_main([str(a), str(tmp_path / "other")]) == 2
     assert "share no task" in capsys.readouterr().err

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from harness.demo import DemoSettings, run_demo
+from harness.world.demo import DemoSettings, run_demo
 
 
 @pytest.mark.slow
@@ -25,7 +25,7 @@ def test_quick_demo_writes_a_complete_report(warm_world, tmp_path):
     [(5, 2, (2, 1)), (1, 8, (1, 8)), (4, 16, (4, 4)), (3, 8, (3, 2)), (0, 4, (1, 4))],
 )
 def test_workers_share_the_cores_without_oversubscribing(jobs, cores, expected):
-    from harness.parallel import plan_workers
+    from harness.world.parallel import plan_workers
 
     workers, threads = plan_workers(jobs, cores)
     assert (workers, threads) == expected and workers * threads <= cores

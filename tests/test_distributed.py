@@ -1,4 +1,4 @@
-"""Two real processes: recipes/opsd.py under CPU DDP and under DeepSpeed ZeRO-2, launched by `accelerate launch`.
+"""Two real processes: harness.recipes.opsd under CPU DDP and under DeepSpeed ZeRO-2, launched by `accelerate launch`.
 
 FSDP is not run here: accelerate 1.15 applies FSDP only to GPU processes (with use_cpu it is plain CPU DDP, without
 it the state is not distributed at all), so the FSDP teacher placement is unit-tested at the end of this file.
@@ -19,15 +19,14 @@ import torch
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from recipes.common import FINGERPRINT_DIR, MANIFEST_NAME, tensor_digest  # noqa: E402
+from harness.recipes.common import FINGERPRINT_DIR, MANIFEST_NAME, tensor_digest
 
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     """A deterministic, untrained tiny Llama and its tokenizer, saved like any local checkpoint."""
-    from harness.tiny_models import build_tiny_model, build_tokenizer
+    from harness.world.tiny import build_tiny_model, build_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny")
     tokenizer = build_tokenizer()
@@ -43,7 +42,7 @@ def launch(accelerate_config: str, checkpoint: Path, out: Path) -> subprocess.Co
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(REPO / "accelerate_configs" / accelerate_config),
-        str(REPO / "recipes" / "opsd.py"), "--config", str(REPO / "recipes/configs/opsd_arith_cpu.yaml"),
+        "-m", "harness.recipes.opsd", "--config", str(REPO / "harness/recipes/configs/opsd_arith_cpu.yaml"),
         "--model_name_or_path", str(checkpoint), "--output_dir", str(out), "--rank_fingerprint",
         "--max_steps", "3", "--per_device_train_batch_size", "4", "--num_train_rows", "32", "--max_new_tokens", "8",
         "--learning_rate", "1e-2", "--logging_steps", "1",
@@ -100,8 +99,8 @@ def test_two_process_deepspeed_zero2_cpu_run_agrees_with_ddp(ddp_run, tiny_check
 def _fsdp_trainer(tiny_tokenizer, tmp_path, monkeypatch, fsdp_version=2, **config):
     from datasets import Dataset
 
-    from harness.arithmetic import generate_problems, problems_to_rows
-    from harness.tiny_models import build_tiny_model
+    from harness.world.arithmetic import generate_problems, problems_to_rows
+    from harness.world.tiny import build_tiny_model
     from trl_opsd import OPSDConfig, OPSDTrainer
 
     args = OPSDConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, max_new_tokens=4,
@@ -119,7 +118,7 @@ def _fsdp_trainer(tiny_tokenizer, tmp_path, monkeypatch, fsdp_version=2, **confi
 
 @pytest.fixture
 def tiny_tokenizer_for_fsdp():
-    from harness.tiny_models import build_tokenizer
+    from harness.world.tiny import build_tokenizer
 
     return build_tokenizer()
 
@@ -128,7 +127,7 @@ def tiny_tokenizer_for_fsdp():
 def test_fsdp_places_a_frozen_teacher_with_trls_prepare_fsdp(tiny_tokenizer_for_fsdp, tmp_path, monkeypatch,
                                                              teacher_kind):
     import trl_opsd.teacher_setup as setup_module
-    from harness.tiny_models import build_tiny_model
+    from harness.world.tiny import build_tiny_model
     from trl_opsd.teachers.local import ModelTeacher
 
     trainer = _fsdp_trainer(tiny_tokenizer_for_fsdp, tmp_path, monkeypatch)
@@ -147,7 +146,7 @@ def test_fsdp_places_a_frozen_teacher_with_trls_prepare_fsdp(tiny_tokenizer_for_
 def test_fsdp_refuses_a_teacher_left_on_the_meta_device(tiny_tokenizer_for_fsdp, tmp_path, monkeypatch):
     trainer = _fsdp_trainer(tiny_tokenizer_for_fsdp, tmp_path, monkeypatch)
     with torch.device("meta"):
-        from harness.tiny_models import build_tiny_model
+        from harness.world.tiny import build_tiny_model
 
         teacher = build_tiny_model(tiny_tokenizer_for_fsdp, seed=1)
     with pytest.raises(ValueError, match="fsdp_cpu_ram_efficient_loading: false"):

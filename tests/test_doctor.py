@@ -79,7 +79,7 @@ def test_a_stale_transformers_cache_is_diagnosed_as_such(monkeypatch):
 
 
 def test_tokenizer_match_of_student_and_teacher(tmp_path, tiny_tokenizer, capsys):
-    from harness.tiny_models import build_tokenizer
+    from harness.world.tiny import build_tokenizer
 
     tiny_tokenizer.save_pretrained(tmp_path / "student")
     tiny_tokenizer.save_pretrained(tmp_path / "same")

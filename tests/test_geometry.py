@@ -6,15 +6,15 @@ import pytest
 import torch
 from datasets import Dataset
 
-from harness.arithmetic import generate_problems, problems_to_rows
-from harness.tiny_models import build_tiny_model
+from harness.plots import plot_geometry
+from harness.world.arithmetic import generate_problems, problems_to_rows
+from harness.world.tiny import build_tiny_model
 from trl_opsd.geometry import (
     GeometryRecorder,
     answer_regions,
     flat_metrics,
     geometry_statistics,
     log_bucket_histogram,
-    plot_geometry,
     top_token_shares,
 )
 
@@ -132,7 +132,7 @@ def test_unified_trainer_logs_geometry_every_step(tiny_tokenizer, tmp_path):
 
 
 def test_geometry_command_pipeline_on_tiny_models(tiny_tokenizer, tmp_path):
-    from harness.geometry_cli import opd_and_opsd_geometry
+    from harness.world.geometry import opd_and_opsd_geometry
 
     paths = []
     for seed in (1, 2):

@@ -23,8 +23,9 @@ from harness.cortex_lm import CortexLM, truncate_at
 from harness.lm_eval_runner import lm_eval_argv
 from harness.tasks import TASK_NAMES, include_path, task_yaml
 from harness.tasks import utils as task_utils
-from harness.tiny_models import build_tiny_model, build_tokenizer
 from harness.verifiers import extract_answer, is_correct
+from harness.world import arithmetic as world_arithmetic
+from harness.world.tiny import build_tiny_model, build_tokenizer
 
 SECRET = "pat-lm-eval-SECRET-77e0c1"
 # Three GSM8K-format rows: calculator annotations, and one without them (steps = lines before ####).
@@ -66,12 +67,12 @@ def test_tasks_register_with_lm_eval_through_the_include_path():
 
 
 def test_bundled_arithmetic_data_equals_the_generator_output():
-    assert task_utils.ARITH_DATA.read_text(encoding="utf-8") == task_utils.arith_jsonl(), (
-        f"{task_utils.ARITH_DATA} no longer matches harness.arithmetic; after a deliberate change to the world "
-        'regenerate it: python -c "from harness.tasks.utils import write_arith_data; write_arith_data()"'
+    assert task_utils.ARITH_DATA.read_text(encoding="utf-8") == world_arithmetic.task_jsonl(), (
+        f"{task_utils.ARITH_DATA} no longer matches harness.world.arithmetic; after a deliberate change to the world "
+        'regenerate it: python -c "from harness.world.arithmetic import write_task_data; write_task_data()"'
     )
-    rows = task_utils.arith_rows()
-    assert len(rows) == task_utils.ARITH_NUM_PROBLEMS == len({row["question"] for row in rows})
+    rows = world_arithmetic.task_rows()
+    assert len(rows) == world_arithmetic.TASK_NUM_PROBLEMS == len({row["question"] for row in rows})
     assert all(task_utils.solution_steps(row["solution"]) == row["difficulty"] for row in rows)
 
 

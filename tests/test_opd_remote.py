@@ -5,9 +5,9 @@ import torch
 from datasets import Dataset
 from servers import LoopbackServer, TinyLM
 
-from harness.arithmetic import generate_problems, problems_to_rows
 from harness.generation import generate_texts
-from harness.tiny_models import build_tiny_model
+from harness.world.arithmetic import generate_problems, problems_to_rows
+from harness.world.tiny import build_tiny_model
 from trl_opsd import OPSDConfig, OPSDTrainer
 from trl_opsd.losses import per_token_divergence, sampled_token_reverse_kl
 from trl_opsd.teachers import CortexAuth, CortexTeacher, OpenAICompatTeacher, TeacherCapabilityError

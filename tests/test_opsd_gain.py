@@ -6,9 +6,9 @@ Measured 2026-11-22 on world v4 (start 65/300 = 21.7% on these problems): the de
 
 import pytest
 
-from harness.arithmetic import generate_problems
-from harness.arms import Arm, no_hint_correctness, train_arm
 from harness.stats import mcnemar_test, wilson_interval
+from harness.world.arithmetic import generate_problems
+from harness.world.arms import Arm, no_hint_correctness, train_arm
 
 
 @pytest.mark.slow

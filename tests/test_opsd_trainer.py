@@ -7,8 +7,8 @@ import torch
 from datasets import Dataset
 from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-from harness.arithmetic import generate_problems, hinted_messages, problems_to_rows
-from harness.tiny_models import build_tiny_model
+from harness.world.arithmetic import generate_problems, hinted_messages, problems_to_rows
+from harness.world.tiny import build_tiny_model
 from trl_opsd import OPSDConfig, OPSDTrainer
 from trl_opsd.collator import OPSDCollator
 from trl_opsd.forward import completion_logits
@@ -213,7 +213,7 @@ def test_loss_is_normalised_by_generated_tokens_over_the_accumulation_window(tin
 def test_on_policy_coin_is_one_decision_per_step_shared_by_all_ranks(tiny_tokenizer, tmp_path):
     args = _config(tmp_path, lmbda=0.3, seq_kd=False)
     trainers = [OPSDTrainer(model=build_tiny_model(tiny_tokenizer), args=args, processing_class=tiny_tokenizer,
-                            train_dataset=Dataset.from_list(_rows(4))) for _ in range(2)]
+                            train_dataset=Dataset.from_list(_rows(4, with_solution=True))) for _ in range(2)]
     decisions = []
     for step in range(400):
         for trainer in trainers:
@@ -225,9 +225,12 @@ def test_on_policy_coin_is_one_decision_per_step_shared_by_all_ranks(tiny_tokeni
 
 
 def test_dataset_steps_without_completions_fail_with_a_clear_message(tiny_tokenizer, tmp_path):
+    with pytest.raises(ValueError, match=r"train_dataset: row 0: has no completion .*trailing assistant turn"):
+        OPSDTrainer(model=build_tiny_model(tiny_tokenizer), args=_config(tmp_path, lmbda=0.0),
+                    processing_class=tiny_tokenizer, train_dataset=Dataset.from_list(_rows(4)))
     trainer = OPSDTrainer(model=build_tiny_model(tiny_tokenizer), args=_config(tmp_path, lmbda=0.0),
-                          processing_class=tiny_tokenizer, train_dataset=Dataset.from_list(_rows(4)))
-    with pytest.raises(ValueError, match="trailing assistant turn"):
+                          processing_class=tiny_tokenizer, train_dataset=Dataset.from_list(_rows(4, True)))
+    with pytest.raises(ValueError, match="trailing assistant turn"):  # a batch from elsewhere: refused at the step
         trainer._attach_completions(trainer.data_collator(_rows(2)), "dataset")
 
 
@@ -246,7 +249,7 @@ def test_nonfinite_loss_names_the_step_and_the_statistic(tiny_tokenizer, tmp_pat
 
 
 def test_tokenizer_mismatch_is_detected_on_ids(tiny_tokenizer, tmp_path):
-    from harness.tiny_models import build_tokenizer
+    from harness.world.tiny import build_tokenizer
 
     other = build_tokenizer(vocab_size=400)
     with pytest.raises(ValueError, match="tokenizer is not the student's"):
@@ -263,16 +266,22 @@ def test_bad_rows_fail_before_training_with_row_and_field(tiny_tokenizer, tmp_pa
                     train_dataset=Dataset.from_list(rows))
 
 
-def test_privileged_context_that_would_be_truncated_raises_or_is_counted(tiny_tokenizer):
+def test_teacher_prompts_are_cut_from_the_left_but_never_silently_into_the_privileged_context(tiny_tokenizer):
     row = _rows(1)[0]
-    collator = OPSDCollator(tiny_tokenizer, max_prompt_length=256, max_teacher_prompt_length=40)
-    with pytest.raises(ValueError, match="row 0: the teacher prompt has .* tokens, over max_teacher_prompt_length=40"):
-        collator([row])
-    lenient = OPSDCollator(tiny_tokenizer, max_teacher_prompt_length=40, privileged_truncation="truncate_left")
+    full = OPSDCollator(tiny_tokenizer).row_views(row, 0)
+    shared = next(i for i, (t, s) in enumerate(zip(full.teacher_prompt_ids, full.prompt_ids)) if t != s)
+    privileged = len(full.teacher_prompt_ids) - shared  # the tail the student's prompt does not have
+    context = f"The final answer is {row['answer']}."
+    kept = OPSDCollator(tiny_tokenizer, max_teacher_prompt_length=privileged + 1)([row])
+    assert kept["num_truncated_teacher_prompts"].item() == 1
+    assert context in tiny_tokenizer.decode(kept["teacher_prompts"][0])
+    with pytest.raises(ValueError, match=r"row 0: the teacher prompt has .* tokens, over "
+                                         r"max_teacher_prompt_length=\d+; .* would cut the privileged context"):
+        OPSDCollator(tiny_tokenizer, max_teacher_prompt_length=privileged - 1)([row])
+    lenient = OPSDCollator(tiny_tokenizer, max_teacher_prompt_length=privileged - 1, privileged_truncation="truncate_left")
     batch = lenient([row])
     assert batch["num_truncated_teacher_prompts"].item() == 1
-    kept = tiny_tokenizer.decode(batch["teacher_prompts"][0])
-    assert f"The final answer is {row['answer']}." in kept
+    assert batch["teacher_prompt_attention_mask"].sum().item() == privileged - 1
 
 
 def test_teacher_messages_win_over_privileged_context_and_answer(tiny_tokenizer):

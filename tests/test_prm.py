@@ -1,6 +1,6 @@
 """PRM judge: segmentation, strict reply parsing, bounded retry, the judge cache and ensembles.
 
-The judge always talks to a loopback chat-completions server (``harness.prm_stub.StubJudgeServer``) through
+The judge always talks to a loopback chat-completions server (``harness.world.stub_judge.StubJudgeServer``) through
 the real ``openai`` client in ``OpenAICompatTeacher``; call counts are the server's own request counters.
 """
 
@@ -23,7 +23,7 @@ from harness.prm import (
     parse_reply,
     split_steps,
 )
-from harness.prm_stub import STUB_MODEL, StubJudgeServer, arithmetic_step_verdicts, stub_judge_reply
+from harness.world.stub_judge import STUB_MODEL, StubJudgeServer, arithmetic_step_verdicts, stub_judge_reply
 from trl_opsd.teachers import OpenAICompatTeacher, RetryPolicy
 
 CHAT = "/v1/chat/completions"

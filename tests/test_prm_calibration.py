@@ -15,7 +15,7 @@ from scipy import stats as sps
 from harness.cli import main
 from harness.prm import PRMJudge
 from harness.prm_calibration import Rollout, calibrate, decide, load_rollouts, render_markdown
-from harness.prm_stub import STUB_MODEL, StubJudgeServer
+from harness.world.stub_judge import STUB_MODEL, StubJudgeServer
 from trl_opsd.teachers import OpenAICompatTeacher
 
 Q = "Mia has 12 apples. She buys 7 more apples. She gives away 5 apples. How many apples does Mia have now?"

@@ -4,7 +4,6 @@ bitsandbytes >= 0.45 runs 4-bit layers on CPU; this is the seed notebook's Mistr
 """
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,20 +11,19 @@ import torch
 from datasets import Dataset
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install 'trl-opsd[quant]')")
 
-from harness.arithmetic import generate_problems, problems_to_rows  # noqa: E402
-from recipes import models, opsd  # noqa: E402
-from recipes.common import MANIFEST_NAME  # noqa: E402
+from harness.recipes import models, opsd  # noqa: E402
+from harness.recipes.common import MANIFEST_NAME  # noqa: E402
+from harness.world.arithmetic import generate_problems, problems_to_rows  # noqa: E402
 from trl_opsd import OPSDConfig, OPSDTrainer  # noqa: E402
 from trl_opsd.teachers.local import AdapterDisabledTeacher, completion_logits  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    from harness.tiny_models import build_tiny_model, build_tokenizer
+    from harness.world.tiny import build_tiny_model, build_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny")
     tokenizer = build_tokenizer()
@@ -88,7 +86,7 @@ def test_opsd_steps_with_qlora_and_the_adapter_disabled_self_teacher(tiny_checkp
 def test_the_opsd_recipe_trains_in_4bit_with_lora_on_cpu_when_asked(tiny_checkpoint, tmp_path):
     out = tmp_path / "run"
     code = opsd.main([
-        "--config", str(REPO / "recipes/configs/opsd_arith_cpu.yaml"), "--model_name_or_path", str(tiny_checkpoint),
+        "--config", str(REPO / "harness/recipes/configs/opsd_arith_cpu.yaml"), "--model_name_or_path", str(tiny_checkpoint),
         "--load_in_4bit", "true", "--use_peft", "true", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj",
         "--max_steps", "2", "--per_device_train_batch_size", "4", "--num_train_rows", "8", "--max_new_tokens", "8",
         "--output_dir", str(out),

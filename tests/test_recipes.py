@@ -11,12 +11,11 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the recipes folder is not an installed package
 
-from recipes import common, data_sources, distill, launch_env, memory, models  # noqa: E402
-from recipes import opd, opsd, sft, unified  # noqa: E402
+from harness.recipes import common, data_sources, distill, launch_env, memory, models
+from harness.recipes import opd, opsd, sft, unified
 
-CONFIGS = sorted((REPO / "recipes" / "configs").glob("*.yaml"))
+CONFIGS = sorted((REPO / "harness" / "recipes" / "configs").glob("*.yaml"))
 RECIPES = {"opsd": opsd, "opd": opd, "sft": sft, "unified": unified}
 ACCELERATE = REPO / "accelerate_configs"
 
@@ -92,13 +91,13 @@ def test_dry_run_of_every_config_plans_offline_without_loading_weights(config, t
 def test_the_seed_notebooks_loss_is_planned_as_forward_kl_with_clamp_at_one(tmp_path, no_weights_no_network):
     """The notebook's "reverse-KL KL(p_T || p_S)" is the forward KL: the configs must reproduce its math."""
     for name in ("opd_mistral7b_mixtral_gsm8k", "opsd_mistral7b_gsm8k"):
-        loss = dry_run(REPO / "recipes" / "configs" / f"{name}.yaml", tmp_path)["plan"]["loss"]
+        loss = dry_run(REPO / "harness" / "recipes" / "configs" / f"{name}.yaml", tmp_path)["plan"]["loss"]
         assert loss["divergence"].startswith("forward KL  KL(p_T || p_S)")
         assert loss["clip"].startswith("clamp at 1.0")
 
 
 def test_mistral_mixtral_plan_names_both_models_in_4bit_and_sizes_them_without_the_hub(tmp_path, no_weights_no_network):
-    plan = dry_run(REPO / "recipes/configs/opd_mistral7b_mixtral_gsm8k.yaml", tmp_path, "--assume_gpu_memory_gb", "80")
+    plan = dry_run(REPO / "harness/recipes/configs/opd_mistral7b_mixtral_gsm8k.yaml", tmp_path, "--assume_gpu_memory_gb", "80")
     assert plan["plan"]["student"]["precision"] == "4bit (compute bfloat16)"
     teacher = plan["plan"]["teacher"]
     assert teacher["kind"] == "external" and teacher["model"]["name"] == "mistralai/Mixtral-8x7B-Instruct-v0.1"
@@ -108,7 +107,7 @@ def test_mistral_mixtral_plan_names_both_models_in_4bit_and_sizes_them_without_t
 
 
 def test_tight_memory_switches_to_4bit_lora_and_the_adapter_disabled_teacher(tmp_path, no_weights_no_network):
-    config = REPO / "recipes/configs/opsd_qwen3_1p7b.yaml"
+    config = REPO / "harness/recipes/configs/opsd_qwen3_1p7b.yaml"
     plan = dry_run(config, tmp_path, "--use_peft", "false", "--assume_gpu_memory_gb", "8")["plan"]
     assert plan["memory"]["decision"] == "4-bit + LoRA"
     assert plan["student"]["precision"].startswith("4bit") and plan["student"]["peft"].startswith("LoRA")
@@ -119,7 +118,7 @@ def test_tight_memory_switches_to_4bit_lora_and_the_adapter_disabled_teacher(tmp
     kept = dry_run(config, tmp_path, "--use_peft", "false", "--assume_gpu_memory_gb", "8",
                    "--memory_policy", "as_configured")["plan"]
     assert kept["memory"]["decision"] == "as configured" and kept["memory"]["reason"].startswith("TIGHT")
-    cpu = dry_run(REPO / "recipes/configs/opsd_arith_cpu.yaml", tmp_path)["plan"]
+    cpu = dry_run(REPO / "harness/recipes/configs/opsd_arith_cpu.yaml", tmp_path)["plan"]
     assert cpu["memory"]["reason"].startswith("no GPU") and cpu["student"]["precision"] == "float32"
 
 
@@ -134,7 +133,7 @@ def test_memory_estimate_follows_its_documented_arithmetic():
 
 @pytest.mark.parametrize("accelerate_config", sorted(ACCELERATE.glob("*.yaml")), ids=lambda c: c.stem)
 def test_peft_self_distillation_plans_under_every_accelerate_config(accelerate_config, tmp_path, no_weights_no_network):
-    plan = dry_run(REPO / "recipes/configs/opsd_qwen3_1p7b.yaml", tmp_path, "--accelerate_config",
+    plan = dry_run(REPO / "harness/recipes/configs/opsd_qwen3_1p7b.yaml", tmp_path, "--accelerate_config",
                    str(accelerate_config), "--assume_gpu_memory_gb", "80")["plan"]
     expected = launch_env.from_config_file(accelerate_config)
     assert plan["accelerate"]["distributed"] == expected.distributed
@@ -142,7 +141,7 @@ def test_peft_self_distillation_plans_under_every_accelerate_config(accelerate_c
 
 
 def test_fsdp_refuses_a_teacher_with_its_own_weights_and_fsdp1_altogether(tmp_path, no_weights_no_network):
-    arith = REPO / "recipes/configs/opsd_arith_cpu.yaml"
+    arith = REPO / "harness/recipes/configs/opsd_arith_cpu.yaml"
     with pytest.raises(common.RecipeError, match="use_peft: true"):
         dry_run(arith, tmp_path, "--accelerate_config", str(ACCELERATE / "fsdp.yaml"))
     fsdp1 = tmp_path / "fsdp1.yaml"
@@ -150,7 +149,7 @@ def test_fsdp_refuses_a_teacher_with_its_own_weights_and_fsdp1_altogether(tmp_pa
     values["fsdp_config"]["fsdp_version"] = 1
     fsdp1.write_text(yaml.safe_dump(values))
     with pytest.raises(common.RecipeError, match="FSDP1"):
-        dry_run(REPO / "recipes/configs/opsd_qwen3_1p7b.yaml", tmp_path, "--accelerate_config", str(fsdp1))
+        dry_run(REPO / "harness/recipes/configs/opsd_qwen3_1p7b.yaml", tmp_path, "--accelerate_config", str(fsdp1))
     zero3_init = tmp_path / "zero3_init.yaml"
     values = yaml.safe_load((ACCELERATE / "deepspeed_zero3.yaml").read_text())
     values["deepspeed_config"]["zero3_init_flag"] = True
@@ -160,13 +159,13 @@ def test_fsdp_refuses_a_teacher_with_its_own_weights_and_fsdp1_altogether(tmp_pa
 
 
 def test_configuration_errors_name_the_key(tmp_path, no_weights_no_network):
-    arith = REPO / "recipes/configs/opsd_arith_cpu.yaml"
+    arith = REPO / "harness/recipes/configs/opsd_arith_cpu.yaml"
     with pytest.raises(common.RecipeError, match="recipes/opd.py"):
         dry_run(arith, tmp_path, "--teacher_model_name_or_path", "arithmetic:warm")
     with pytest.raises(common.RecipeError, match="OPD needs a teacher"):
-        dry_run(REPO / "recipes/configs/opd_arith_cpu.yaml", tmp_path, "--teacher_model_name_or_path", "")
+        dry_run(REPO / "harness/recipes/configs/opd_arith_cpu.yaml", tmp_path, "--teacher_model_name_or_path", "")
     with pytest.raises(common.RecipeError, match="divergence='full'"):
-        dry_run(REPO / "recipes/configs/opd_arith_cpu.yaml", tmp_path, "--teacher_model_name_or_path", "",
+        dry_run(REPO / "harness/recipes/configs/opd_arith_cpu.yaml", tmp_path, "--teacher_model_name_or_path", "",
                 "--teacher_api_base", "http://127.0.0.1:9/v1", "--teacher_api_model", "m")
     with pytest.raises(common.RecipeError, match="memory_policy"):
         dry_run(arith, tmp_path, "--memory_policy", "sometimes")
@@ -175,7 +174,7 @@ def test_configuration_errors_name_the_key(tmp_path, no_weights_no_network):
 
 
 def test_api_teacher_is_planned_without_contacting_the_server(tmp_path, no_weights_no_network):
-    plan = dry_run(REPO / "recipes/configs/opd_arith_cpu.yaml", tmp_path, "--teacher_model_name_or_path", "",
+    plan = dry_run(REPO / "harness/recipes/configs/opd_arith_cpu.yaml", tmp_path, "--teacher_model_name_or_path", "",
                    "--teacher_api_base", "http://127.0.0.1:9/v1", "--teacher_api_model", "served", "--divergence",
                    "topk", "--teacher_top_k", "5")["plan"]
     assert plan["teacher"]["kind"] == "api" and "http://127.0.0.1:9/v1" in plan["teacher"]["what"]
@@ -187,7 +186,7 @@ def test_manifest_and_printed_plan_hold_no_secret(tmp_path, monkeypatch, capsys,
     monkeypatch.setenv("TRL_OPSD_TEST_API_KEY", secret)
     monkeypatch.setenv("HF_TOKEN", token)
     monkeypatch.setattr(sys, "argv", ["opd.py", "--hub_token", token, "--run_name", f"run-{secret}"])
-    manifest = dry_run(REPO / "recipes/configs/opd_arith_cpu.yaml", tmp_path, "--hub_token", token, "--run_name",
+    manifest = dry_run(REPO / "harness/recipes/configs/opd_arith_cpu.yaml", tmp_path, "--hub_token", token, "--run_name",
                        f"run-{secret}", "--teacher_api_key_env", "TRL_OPSD_TEST_API_KEY")
     text = json.dumps(manifest) + capsys.readouterr().out
     assert secret not in text and token not in text
@@ -199,7 +198,7 @@ def test_manifest_and_printed_plan_hold_no_secret(tmp_path, monkeypatch, capsys,
 
 
 def test_secret_names_are_matched_by_word():
-    from recipes.manifest import is_secret_name, scrub
+    from harness.recipes.manifest import is_secret_name, scrub
 
     assert all(map(is_secret_name, ["hub_token", "OPENAI_API_KEY", "apiKey", "SNOWFLAKE_PAT", "db-password"]))
     assert not any(map(is_secret_name, ["max_new_tokens", "tokenizer_name", "keep_last", "teacher_top_k"]))
@@ -208,16 +207,41 @@ def test_secret_names_are_matched_by_word():
 
 def test_dry_run_from_the_command_line_and_a_refusal_exit_code(tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9", "TRL_EXPERIMENTAL_SILENCE": "1",
-           "PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
-    command = [sys.executable, str(REPO / "recipes/opsd.py"), "--config",
-               str(REPO / "recipes/configs/opsd_qwen3_1p7b.yaml"), "--dry_run", "--output_dir", str(tmp_path / "cli")]
+           "PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "PYTHONPATH": str(REPO)}
+    command = [sys.executable, str(REPO / "harness/recipes/opsd.py"), "--config",
+               str(REPO / "harness/recipes/configs/opsd_qwen3_1p7b.yaml"), "--dry_run", "--output_dir", str(tmp_path / "cli")]
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "trl-opsd recipe plan: opsd (dry run" in done.stdout and "Qwen/Qwen3-1.7B" in done.stdout
-    refusing = [*command[:3], str(REPO / "recipes/configs/opsd_arith_cpu.yaml"), "--dry_run", "--accelerate_config",
+    refusing = [*command[:3], str(REPO / "harness/recipes/configs/opsd_arith_cpu.yaml"), "--dry_run", "--accelerate_config",
                 str(ACCELERATE / "fsdp.yaml"), "--output_dir", str(tmp_path / "r")]
     refused = subprocess.run(refusing, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert refused.returncode == 2 and "\nerror: FSDP with a teacher" in "\n" + refused.stderr
+
+
+
+def test_the_installed_package_runs_a_recipe_by_config_name_from_any_folder(tmp_path):
+    """`pip install .` (not editable) ships the recipes and their configs: `accelerate launch -m` dry run outside
+    the checkout, the config named rather than given as a path."""
+    wheels, site, run = tmp_path / "wheels", tmp_path / "site", tmp_path / "run"
+    run.mkdir()
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(REPO)], check=True,
+                   capture_output=True, timeout=600)
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), *map(str, wheels.glob("*.whl"))],
+                   check=True, capture_output=True, timeout=600)
+    env = {"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9", "TRL_EXPERIMENTAL_SILENCE": "1",
+           "PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "PYTHONPATH": str(site)}
+    where = subprocess.run([sys.executable, "-c", "import harness.recipes; print(harness.recipes.__file__)"],
+                           capture_output=True, text=True, env=env, cwd=run, check=True)
+    assert where.stdout.startswith(str(site))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "-m", "harness.recipes.opsd",
+               "--config", "opsd_arith_cpu", "--dry_run", "--output_dir", str(run / "out")]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=run, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "trl-opsd recipe plan: opsd (dry run" in done.stdout
+    manifest = json.loads((run / "out" / common.DRY_RUN_MANIFEST_NAME).read_text())
+    assert manifest["plan"]["student"]["name"] == "arithmetic:warm" and manifest["status"] == "dry_run"
 
 
 # -- data sources and model names ----------------------------------------------------------------------
@@ -256,7 +280,7 @@ def test_arithmetic_rows_and_their_fingerprint_are_deterministic():
 
 
 def test_model_names_resolve_without_loading(tmp_path, tiny_tokenizer):
-    from harness.tiny_models import build_tiny_model
+    from harness.world.tiny import build_tiny_model
 
     spec = models.resolve("arithmetic:warm?max_steps=3000&target_no_hint_accuracy=0.6")
     assert spec.world_settings.max_steps == 3000 and spec.world_settings.target_no_hint_accuracy == 0.6
@@ -281,7 +305,7 @@ def test_model_names_resolve_without_loading(tmp_path, tiny_tokenizer):
 def test_unified_recipe_plans_each_row_of_the_seed_table(preset, alpha, lam, teacher, sampler, tmp_path,
                                                          no_weights_no_network):
     extra = ["--teacher_model_name_or_path", "arithmetic:warm?seed=1"] if teacher == "external" else []
-    plan = dry_run(REPO / "recipes/configs/unified_opsd_arith_cpu.yaml", tmp_path, "--preset", preset, *extra)["plan"]
+    plan = dry_run(REPO / "harness/recipes/configs/unified_opsd_arith_cpu.yaml", tmp_path, "--preset", preset, *extra)["plan"]
     loss = plan["loss"]
     assert (loss["preset"], loss["alpha_reward_weight"], loss["lambda_distillation_weight"], loss["sampler"]) == (
         preset, alpha, lam, sampler)
@@ -298,7 +322,7 @@ def test_unified_recipe_plans_each_row_of_the_seed_table(preset, alpha, lam, tea
 @pytest.fixture(scope="module")
 def tiny_checkpoints(tmp_path_factory):
     """(student, teacher): two tiny Llamas with the same tokenizer, saved like any local checkpoint."""
-    from harness.tiny_models import build_tiny_model, build_tokenizer
+    from harness.world.tiny import build_tiny_model, build_tokenizer
 
     tokenizer = build_tokenizer()
     folders = []
@@ -319,7 +343,7 @@ def tiny_checkpoints(tmp_path_factory):
 def test_each_recipe_trains_and_records_its_run(config, extra, tiny_checkpoints, tmp_path):
     student, teacher = tiny_checkpoints
     out = tmp_path / "run"
-    argv = ["--config", str(REPO / "recipes/configs" / f"{config}.yaml"), "--model_name_or_path", student,
+    argv = ["--config", str(REPO / "harness/recipes/configs" / f"{config}.yaml"), "--model_name_or_path", student,
             "--max_steps", "1", "--per_device_train_batch_size", "4", "--num_train_rows", "8", "--output_dir", str(out),
             *(arg.format(teacher=teacher) for arg in extra)]
     if not config.startswith("sft"):
@@ -332,7 +356,7 @@ def test_each_recipe_trains_and_records_its_run(config, extra, tiny_checkpoints,
 
 
 def test_rs_sft_recipe_plans_then_writes_data_and_its_fingerprint(tiny_checkpoints, tmp_path, capsys):
-    from recipes import rs_sft
+    from harness.recipes import rs_sft
 
     args = ["--model", tiny_checkpoints[0], "--num-prompts", "4", "--samples", "2", "--filter", "verifier",
             "--judge", "none", "--max-new-tokens", "8"]

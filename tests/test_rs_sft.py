@@ -14,9 +14,9 @@ from collections import Counter
 
 import pytest
 
-from harness.arithmetic import generate_problems
 from harness.prm import PRMJudge
-from harness.prm_stub import STUB_MODEL, StubJudgeServer
+from harness.world.arithmetic import generate_problems
+from harness.world.stub_judge import STUB_MODEL, StubJudgeServer
 from harness.rs_sft import (
     FilterSettings,
     PromptRow,
@@ -27,9 +27,9 @@ from harness.rs_sft import (
     prompt_from_row,
     render_markdown,
     run_rs_sft,
-    world_prompts,
 )
 from harness.stats import wilson_interval
+from harness.world.rs_sft import world_prompts
 from trl_opsd.teachers import OpenAICompatTeacher
 
 
@@ -191,7 +191,7 @@ class KilledAfter:
 
 @pytest.fixture(scope="module")
 def tiny_student(tiny_tokenizer):
-    from harness.tiny_models import build_tiny_model
+    from harness.world.tiny import build_tiny_model
 
     model = build_tiny_model(tiny_tokenizer, hidden_size=32, num_layers=1, num_heads=2, seed=0)
     return StudentSampler(model, tiny_tokenizer, name="tiny-random", temperature=1.0, max_new_tokens=12, seed=5)
@@ -243,6 +243,31 @@ def test_resume_refuses_other_settings(tmp_path, tiny_student, stub_judge):
                    progress=False)
 
 
+def test_job_file_is_written_atomically_and_a_torn_one_says_how_to_recover(tmp_path, tiny_student, monkeypatch):
+    import harness.io
+
+    prompts = world_prompts(2, "train", seed=4)
+    settings = FilterSettings("verifier")
+
+    def killed(source, target):
+        raise KeyboardInterrupt  # killed between writing the new file and renaming it over the old one
+
+    monkeypatch.setattr(harness.io.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_rs_sft(prompts, tiny_student, tmp_path / "killed", samples=2, settings=settings, progress=False)
+    assert list((tmp_path / "killed").iterdir()) == []  # no job.json, half or whole, and no temporary file
+    monkeypatch.undo()
+
+    torn = tmp_path / "torn"
+    torn.mkdir()
+    (torn / "job.json").write_text('{"sampler": {"kind": "stu')  # an older version's non-atomic write, cut short
+    with pytest.raises(ValueError, match=r"torn/job\.json is not valid JSON .*delete it and rerun the same command"):
+        run_rs_sft(prompts, tiny_student, torn, samples=2, settings=settings, progress=False)
+    (torn / "job.json").unlink()
+    report = run_rs_sft(prompts, tiny_student, torn, samples=2, settings=settings, progress=False, n_resamples=100)
+    assert report["sft_rows"] >= 0 and json.loads((torn / "job.json").read_text())["samples"] == 2
+
+
 def test_build_report_without_gold_answers_skips_pass_at_k():
     records = [{"id": "a", "messages": [], "answer": None, "completions": [
         {"text": "1+1=2", "correct": None, "steps": ["1+1=2"], "prm": {"ok": True, "step_scores": [1.0]}},
@@ -282,8 +307,8 @@ def test_sft_on_filtered_self_samples_beats_the_student(tmp_path, warm_world):
     from trl import SFTConfig, SFTTrainer
 
     from harness.generation import generate_texts, score_answers
-    from harness.prm_stub import serve_stub_judge
     from harness.stats import mcnemar_test
+    from harness.world.stub_judge import serve_stub_judge
 
     student, tokenizer = warm_world.load()
     sampler = StudentSampler(student, tokenizer, name=warm_world.path, temperature=1.0, max_new_tokens=40, seed=0)

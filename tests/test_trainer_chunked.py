@@ -9,8 +9,8 @@ from peft import LoraConfig
 from transformers import LlamaForCausalLM
 from trl.experimental.gkd import GKDTrainer
 
-from harness.arithmetic import generate_problems, problems_to_rows
-from harness.tiny_models import build_tiny_model
+from harness.world.arithmetic import generate_problems, problems_to_rows
+from harness.world.tiny import build_tiny_model
 from trl_opsd import OPSDConfig, OPSDTrainer
 from trl_opsd.teachers.base import RowScores, Teacher, TopKScores
 

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 
-from harness.arithmetic import generate_problems, problems_to_rows
-from harness.tiny_models import build_tiny_model, build_tokenizer
+from harness.world.arithmetic import generate_problems, problems_to_rows
+from harness.world.tiny import build_tiny_model, build_tokenizer
 from trl_opsd import OPSDConfig, OPSDTrainer
 from trl_opsd.rewards import math_answer_reward
 from trl_opsd.teachers.base import Teacher
@@ -567,7 +567,7 @@ WORLD_PRESET_SETTINGS = {
 
 def _train_on_world(warm_path, preset, out_dir, **settings):
     """A preset from the warm start on fresh train prompts; returns the saved checkpoint's path."""
-    from harness.arms import load
+    from harness.world.warm_start import load
 
     model, tokenizer = load(warm_path)
     settings = {"learning_rate": 1e-3, "lr_scheduler_type": "linear", **settings}
@@ -586,7 +586,7 @@ def _train_on_world(warm_path, preset, out_dir, **settings):
 
 @pytest.fixture(scope="module")
 def world_problems_and_baseline(warm_world):
-    from harness.arms import no_hint_correctness
+    from harness.world.arms import no_hint_correctness
 
     problems = generate_problems(300, "test", seed=0)
     return problems, no_hint_correctness(warm_world.path, problems)
@@ -595,8 +595,8 @@ def world_problems_and_baseline(warm_world):
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", list(WORLD_PRESET_SETTINGS))
 def test_preset_beats_the_warm_start_on_held_out_problems(warm_world, world_problems_and_baseline, tmp_path, preset):
-    from harness.arms import no_hint_correctness
     from harness.stats import mcnemar_test
+    from harness.world.arms import no_hint_correctness
 
     problems, before = world_problems_and_baseline
     path = _train_on_world(warm_world.path, preset, tmp_path / preset, **WORLD_PRESET_SETTINGS[preset])

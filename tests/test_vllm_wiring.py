@@ -12,8 +12,8 @@ from datasets import Dataset
 
 import trl_opsd.forward
 import trl_opsd.trainer
-from harness.arithmetic import generate_problems, problems_to_rows
-from harness.tiny_models import build_tiny_model
+from harness.world.arithmetic import generate_problems, problems_to_rows
+from harness.world.tiny import build_tiny_model
 from trl_opsd import OPSDConfig, OPSDTrainer
 
 ROWS = problems_to_rows(generate_problems(4, "train", seed=1))

@@ -5,9 +5,9 @@ import re
 
 import torch
 
-from harness.arithmetic import SPLITS, generate_problems, hinted_messages, split_of
-from harness.tiny_models import build_tiny_model, build_tokenizer
 from harness.verifiers import extract_answer
+from harness.world.arithmetic import SPLITS, generate_problems, hinted_messages, split_of
+from harness.world.tiny import build_tiny_model, build_tokenizer
 
 
 def test_same_seed_same_problems_and_different_seed_different_problems():
@@ -96,7 +96,7 @@ def test_warm_start_is_mediocre_without_the_hint_and_strong_with_it(warm_world):
 
 
 def test_warm_start_is_cached(warm_world):
-    from harness.warm_start import warm_start
+    from harness.world.warm_start import warm_start
 
     assert warm_start() == warm_world
     model, tokenizer = warm_world.load()

@@ -5,16 +5,19 @@ JSD interpolation, ``temperature`` the sampling temperature, ``seq_kd`` sequence
 defaults of ``lmbda`` (1.0: OPSD is on-policy), ``temperature`` (1.0: sample from the policy
 itself) and ``beta`` (1.0: reverse KL, the best of the divergences measured on the arithmetic world;
 see the README's Status) differ. All new knobs are validated in ``__post_init__`` so a bad value fails before any
-model is loaded.
+model is loaded: NaN and infinity included, in every float field (``check_finite_floats``), and templates
+against their placeholders. ``check_trainer_inputs`` adds what needs the trainer's teacher and tokenizer.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from trl.experimental.gkd import GKDConfig
 
-from trl_opsd.prompts import DEFAULT_ANSWER_CONTEXT_TEMPLATE, DEFAULT_TEACHER_PROMPT_TEMPLATE
+from trl_opsd.prompts import DEFAULT_ANSWER_CONTEXT_TEMPLATE, DEFAULT_TEACHER_PROMPT_TEMPLATE, check_templates
 
 SELF_TEACHER_MODES = ("frozen", "ema", "live")
 CLIP_MODES = ("clamp", "scale")
@@ -23,6 +26,7 @@ TRUNCATION_POLICIES = ("error", "truncate_left")
 NONFINITE_POLICIES = ("raise", "skip")
 VLLM_MODES = ("colocate", "server")
 ROLLOUT_BACKENDS = ("hf", "hf_static", "vllm")
+VLLM_MODEL_IMPLS = ("vllm", "transformers")
 
 
 @dataclass
@@ -34,7 +38,8 @@ class OPSDConfig(GKDConfig):
         self_teacher (`str`, defaults to `"frozen"`): what plays the teacher when no `teacher_model` is
             given. `"frozen"`: the initial policy (with PEFT, the base model with adapters disabled, no
             extra weights; otherwise a frozen copy). `"ema"`: an exponential moving average of the
-            student. `"live"`: the current student weights, without gradient.
+            student. `"live"`: the current student weights, without gradient. With a `teacher_model` it must stay
+            at its default: another value is refused rather than ignored.
         teacher_ema_decay (`float`, defaults to `0.99`): EMA decay for `self_teacher="ema"`.
 
     Privileged context (what only the teacher sees):
@@ -44,12 +49,13 @@ class OPSDConfig(GKDConfig):
         answer_context_template (`str`): formats that column, e.g. `"The final answer is {answer}."`.
         teacher_prompt_template (`str`): rewrites the last user turn for the teacher;
             `{prompt}` is its content and `{privileged_context}` the hint.
-        max_prompt_length (`int` or `None`, defaults to `512`): student prompts longer than this are cut from the left.
+        max_prompt_length (`int` or `None`, defaults to `None`): student prompts longer than this lose their oldest
+            tokens. `None`: only GKD's `max_length` bounds them (prompt + dataset completion, prompt cut first).
         max_teacher_prompt_length (`int` or `None`, defaults to `None` = `max_prompt_length`): the same for
-            teacher prompts.
-        privileged_truncation (`str`, defaults to `"error"`): a teacher prompt over its limit raises
-            (`"error"`), or is cut from the left so the privileged context at its end survives, and is
-            counted in the `truncated_teacher_prompts` metric (`"truncate_left"`).
+            teacher prompts; `None` there: bounded like the student's by `max_length` minus the dataset completion.
+        privileged_truncation (`str`, defaults to `"error"`): a teacher prompt over its limit loses its oldest tokens
+            either way (counted in the `truncated_teacher_prompts` metric); when that would cut into the
+            privileged context itself, `"error"` raises and `"truncate_left"` cuts anyway.
 
     Loss:
         divergence (`str`, defaults to `"full"`): `"full"`: generalized JSD(`beta`) over the whole
@@ -119,7 +125,7 @@ class OPSDConfig(GKDConfig):
     privileged_from: str | None = field(default="answer", metadata={"help": "Column turned into privileged context."})
     answer_context_template: str = field(default=DEFAULT_ANSWER_CONTEXT_TEMPLATE)
     teacher_prompt_template: str = field(default=DEFAULT_TEACHER_PROMPT_TEMPLATE)
-    max_prompt_length: int | None = field(default=512)
+    max_prompt_length: int | None = field(default=None)
     max_teacher_prompt_length: int | None = field(default=None)
     privileged_truncation: str = field(default="error", metadata={"help": f"One of {TRUNCATION_POLICIES}."})
 
@@ -160,7 +166,12 @@ class OPSDConfig(GKDConfig):
     vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "Colocate: tensor-parallel size."})
 
     def __post_init__(self):
+        check_finite_floats(self)  # before GKD's range checks, which NaN passes (every comparison is False)
         super().__post_init__()
+        self.check_opsd_fields()
+
+    def check_opsd_fields(self) -> None:
+        """Validate the knobs OPSD adds to ``GKDConfig`` (also run when a ``GKDConfig`` is adopted in place)."""
         _check_choice("self_teacher", self.self_teacher, SELF_TEACHER_MODES)
         _check_choice("kl_clip_mode", self.kl_clip_mode, CLIP_MODES)
         _check_choice("divergence", self.divergence, DIVERGENCES)
@@ -168,8 +179,17 @@ class OPSDConfig(GKDConfig):
         _check_choice("nonfinite_loss", self.nonfinite_loss, NONFINITE_POLICIES)
         _check_choice("vllm_mode", self.vllm_mode, VLLM_MODES)
         self._resolve_rollout_backend()
+        _check_choice("vllm_model_impl", self.vllm_model_impl, VLLM_MODEL_IMPLS)
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if not 0.0 < self.teacher_ema_decay < 1.0:
             raise ValueError(f"teacher_ema_decay must be in (0, 1), got {self.teacher_ema_decay}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature (the sampling temperature of rollouts) must be > 0, got "
+                             f"{self.temperature}; rollouts sample from softmax(logits / temperature)")
+        if self.vllm_server_timeout <= 0:
+            raise ValueError(f"vllm_server_timeout must be a positive number of seconds, got "
+                             f"{self.vllm_server_timeout}")
         if self.kl_clip is not None and self.kl_clip <= 0:
             raise ValueError(f"kl_clip must be positive or None, got {self.kl_clip}")
         if self.loss_temperature <= 0:
@@ -186,11 +206,9 @@ class OPSDConfig(GKDConfig):
                 raise ValueError(f"{name} must be a positive number of tokens or None, got {value}")
         if self.vllm_tensor_parallel_size < 1:
             raise ValueError(f"vllm_tensor_parallel_size must be at least 1, got {self.vllm_tensor_parallel_size}")
-        if "{prompt}" not in self.teacher_prompt_template or "{privileged_context}" not in self.teacher_prompt_template:
-            raise ValueError(
-                "teacher_prompt_template must contain both {prompt} and {privileged_context}, got "
-                f"{self.teacher_prompt_template!r}"
-            )
+        # UnifiedConfig's "auto" resolves to the answer column (self-teacher) or to None.
+        column = "answer" if self.privileged_from == "auto" else self.privileged_from
+        check_templates(self.teacher_prompt_template, self.answer_context_template, column)
         if self.divergence == "sampled" and self.kl_clip is not None:
             raise ValueError(
                 "kl_clip is not defined for divergence='sampled': its per-token value is a policy-gradient surrogate, "
@@ -215,6 +233,27 @@ class OPSDConfig(GKDConfig):
                 f"rollout_compile={self.rollout_compile} only applies to rollout_backend='hf_static', got "
                 f"rollout_backend={self.rollout_backend!r}: drop rollout_compile or set rollout_backend='hf_static'"
             )
+
+    def check_trainer_inputs(self, teacher_model, vocab_size: int) -> None:
+        """What the config alone cannot check: its fit with the trainer's teacher and tokenizer (before any load)."""
+        if teacher_model is not None and self.self_teacher != "frozen":
+            raise ValueError(
+                f"self_teacher={self.self_teacher!r} chooses a self-teacher, but a teacher_model was given, which "
+                "would be used instead and the setting ignored: drop teacher_model for a self-teacher, or leave "
+                "self_teacher at its default ('frozen') with an external teacher"
+            )
+        if self.divergence == "topk" and self.teacher_top_k > vocab_size:
+            raise ValueError(f"teacher_top_k={self.teacher_top_k} is above the tokenizer's vocabulary "
+                             f"({vocab_size} tokens); set teacher_top_k <= {vocab_size}")
+
+
+def check_finite_floats(config) -> None:
+    """Refuse NaN and infinity in every float field: range checks pass NaN, and no knob means anything at inf."""
+    for spec in dataclasses.fields(config):
+        value = getattr(config, spec.name, None)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{spec.name}={value} is not a finite number; give a finite value"
+                             + (" (or None to turn it off)" if spec.default is None else ""))
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -12,13 +12,12 @@ For a batch of divergences this module reports:
 - for GSM8K-like completions, the share on the last equation line, on that line's result (the number
   after its last ``=``) and on the final-answer number of the ``#### N`` line.
 
-:class:`GeometryRecorder` is the trainer hook; :func:`plot_geometry` draws OPD against OPSD.
+:class:`GeometryRecorder` is the trainer hook; ``harness.plots.plot_geometry`` draws OPD against OPSD.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -137,7 +136,7 @@ def geometry_statistics(
 
     ``share_<region>`` is the divergence on that region's tokens over the total divergence of ALL
     unmasked tokens (rows without the region count only in the denominator). With ``keep_values`` the
-    raw per-token divergences are included (``values``), which :func:`plot_geometry` needs.
+    raw per-token divergences are included (``values``), which ``harness.plots.plot_geometry`` needs.
     """
     keep = mask.bool()
     values = divergence.detach().float()
@@ -180,55 +179,3 @@ class GeometryRecorder:
             with self.path.open("a") as handle:
                 handle.write(json.dumps({"step": step, **stats}) + "\n")
         return flat_metrics(stats)
-
-
-def _concentration_curve(values: Sequence[float]) -> tuple[list[float], list[float]]:
-    """(fraction of tokens, share of the divergence they carry), tokens sorted by divergence, largest first."""
-    ordered = sorted(values, reverse=True)
-    total = sum(ordered) or 1.0
-    xs, ys, running = [0.0], [0.0], 0.0
-    for rank, value in enumerate(ordered, start=1):
-        running += value
-        xs.append(rank / len(ordered))
-        ys.append(running / total)
-    return xs, ys
-
-
-def plot_geometry(opd_stats: dict, opsd_stats: dict, path: str | Path, labels: tuple[str, str] = ("OPD", "OPSD")):
-    """Side-by-side PNG: each method's histogram of log10 d_t, and both concentration curves.
-
-    Both stats must come from :func:`geometry_statistics` with ``keep_values=True``. Returns the path.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    floor = 1e-6  # d_t >= 0; exact zeros (and fp32 rounding below zero) are drawn at the floor
-    series = [[math.log10(max(v, floor)) for v in stats["values"]] for stats in (opd_stats, opsd_stats)]
-    low = min(min(s, default=0.0) for s in series)
-    high = max(max(s, default=0.0) for s in series)
-    bins = torch.linspace(low, high + 1e-9, 41).tolist()
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for axis, stats, logs, label, colour in zip(axes[:2], (opd_stats, opsd_stats), series, labels, ("C0", "C3")):
-        axis.hist(logs, bins=bins, color=colour, alpha=0.8)
-        axis.set_title(
-            f"{label}: max/mean {stats['kl_max_over_mean']:.0f}, top 5% {stats['kl_top5pct_share']:.0%}, "
-            f"last result {stats['share_last_equation_result']:.0%}",
-            fontsize=10,
-        )
-        axis.set_xlabel("log10 per-token divergence d_t")
-        axis.set_ylabel("tokens")
-    for stats, label, colour in zip((opd_stats, opsd_stats), labels, ("C0", "C3")):
-        axes[2].plot(*_concentration_curve(stats["values"]), color=colour, label=label)
-    axes[2].plot([0, 1], [0, 1], color="grey", linestyle=":", label="uniform")
-    axes[2].set_xlabel("fraction of tokens (largest d_t first)")
-    axes[2].set_ylabel("share of total divergence")
-    axes[2].set_title("concentration", fontsize=10)
-    axes[2].legend()
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path

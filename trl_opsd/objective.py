@@ -117,7 +117,7 @@ class Divergence:
         if self.temperature != 1.0:
             raise ValueError("remote teachers return log-probs at temperature 1.0; set loss_temperature=1.0")
 
-    def describe(self) -> dict[str, str]:
+    def describe(self) -> dict[str, str | float]:
         """The divergence and its clip in words (for a recipe's dry run)."""
         if self.kind == "sampled":
             divergence = ("sampled-token reverse KL: advantage log p_T(y) - log p_S(y) on the sampled token "
@@ -130,7 +130,7 @@ class Divergence:
         clip = "none"
         if self.clip is not None:
             clip = f"{self.clip_mode} at {self.clip} per token, after the vocabulary sum"
-        return {"divergence": divergence, "clip": clip, "loss_temperature": str(self.temperature)}
+        return {"divergence": divergence, "clip": clip, "loss_temperature": self.temperature}
 
 
 class TokenTerms(NamedTuple):

@@ -41,13 +41,14 @@ from trl.import_utils import is_vllm_available
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import disable_dropout_in_model, pad
 
-from trl_opsd.collator import OPSDCollator
+from trl_opsd.collator import OPSDCollator, gkd_sequences, validate_dataset, views_from_gkd_batch
 from trl_opsd.config import OPSDConfig
 from trl_opsd.forward import (
     HeadInputs,
     completion_head_inputs,
     completion_logits,
     plain_output_head,
+    position_ids_from_mask,
     unpadded_rows,
 )
 from trl_opsd.metrics import divergence_statistics
@@ -68,14 +69,33 @@ logger = logging.getLogger(__name__)
 
 def as_config(args: GKDConfig | None, config_class: type, model: nn.Module | str | None, name: str):
     """``args`` as a ``config_class``: a plain ``GKDConfig`` (or a parent config) keeps all its values and gets the
-    class's defaults for the rest; ``None`` gets the defaults, with ``output_dir`` ``<model name>-<name>``."""
+    class's defaults for the rest (given to ``OPSDTrainer``, the same object: see :func:`adopt_gkd_config`); ``None``
+    gets the defaults, with ``output_dir`` ``<model name>-<name>``."""
     if args is None:
         model_name = model if isinstance(model, str) else name.lower()
         return config_class(output_dir=f"{model_name.split('/')[-1]}-{name}")
     if isinstance(args, config_class):
         return args
+    if config_class is OPSDConfig:
+        return adopt_gkd_config(args)
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
     return config_class(**values)
+
+
+def adopt_gkd_config(args: GKDConfig) -> OPSDConfig:
+    """``args`` itself, made an ``OPSDConfig``: all its values kept, OPSD's own knobs at their defaults, validated.
+
+    GKD's trainer reads the user's own config (``trainer.args is args``: later edits count); so does ours.
+    """
+    for field in dataclasses.fields(OPSDConfig):
+        if not hasattr(args, field.name):
+            default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+            setattr(args, field.name, default)
+    args.__class__ = OPSDConfig
+    if args.max_teacher_prompt_length is None:
+        args.max_teacher_prompt_length = args.max_prompt_length
+    args.check_opsd_fields()
+    return args
 
 
 class OPSDTrainer(GKDTrainer):
@@ -121,14 +141,16 @@ class OPSDTrainer(GKDTrainer):
                 tokenizer=processing_class,
                 max_prompt_length=args.max_prompt_length,
                 max_teacher_prompt_length=args.max_teacher_prompt_length,
-                max_completion_length=args.max_new_tokens,
+                max_length=args.max_length or min(processing_class.model_max_length, 1024),  # GKD's collator's
                 privileged_from=args.privileged_from,
                 answer_context_template=args.answer_context_template,
                 teacher_prompt_template=args.teacher_prompt_template,
                 privileged_truncation=args.privileged_truncation,
             )
+        args.check_trainer_inputs(teacher_model, len(processing_class))
         if isinstance(data_collator, OPSDCollator):
-            _validate_rows(data_collator, train_dataset, "train_dataset")
+            validate_dataset(data_collator, train_dataset, "train_dataset", args, teacher_model)
+            validate_dataset(data_collator, eval_dataset, "eval_dataset", args, teacher_model)
 
         # GKDTrainer.__init__ insists on a teacher model and turns the KV cache off under gradient
         # checkpointing, so we run SFTTrainer's constructor (GKD's parent) and set GKD's attributes here.
@@ -288,7 +310,7 @@ class OPSDTrainer(GKDTrainer):
         """
         device = self.accelerator.device
         batches = [{key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
-                   for batch in batches]
+                   for batch in map(self._opsd_batch, batches)]
         if source == "student" and self.args.rollout_backend == "vllm":
             self._vllm_completions(batches)
         else:
@@ -297,6 +319,19 @@ class OPSDTrainer(GKDTrainer):
         for batch in batches:
             batch["completion_source"] = source
         return batches
+
+    def _opsd_batch(self, batch: dict) -> dict:
+        """``batch`` in OPSD's layout: our collator's as it is; GKD's ``DataCollatorForChatML`` output (``input_ids``,
+        ``labels``, ``prompts``) as dataset completions under the student's prompt, as GKD trains them."""
+        if "teacher_prompts" in batch:
+            return batch
+        if {"input_ids", "labels", "prompts", "prompt_attention_mask"} <= set(batch):
+            return views_from_gkd_batch(batch, self.processing_class.pad_token_id)
+        raise ValueError(
+            f"the data collator's batch has keys {sorted(batch)}: neither OPSDCollator's (prompts, teacher_prompts, "
+            "completions, ...) nor GKD's DataCollatorForChatML's (input_ids, attention_mask, labels, prompts, "
+            "prompt_attention_mask). Pass data_collator=None (OPSDCollator) or GKD's DataCollatorForChatML"
+        )
 
     def _generate_completions(self, batch: dict, source: str) -> None:
         """Sample ``batch``'s completions with ``transformers`` (student or teacher), or check the dataset's."""
@@ -337,14 +372,15 @@ class OPSDTrainer(GKDTrainer):
         return batches, num_generated
 
     # -- loss -----------------------------------------------------------------------------------
-    def completion_views(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def completion_views(self, model, inputs, student_logits=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(student logits, teacher logits) at each completion position, both [B, T, V].
 
-        Student: ``prompts + completions`` with gradient. Teacher: ``teacher_prompts + completions``
-        without. The same completion tokens, each under its own prompt.
+        Student: ``prompts + completions`` with gradient (unless ``student_logits`` are given). Teacher:
+        ``teacher_prompts + completions`` without. The same completion tokens, each under its own prompt.
         """
         num_completion = inputs["completions"].shape[1]
-        student_logits = completion_logits(model, *self._sequences(inputs, "student"), num_completion)
+        if student_logits is None:
+            student_logits = completion_logits(model, *self._sequences(inputs, "student"), num_completion)
         if not self._local_teacher:
             return student_logits, None
         student_module = self.accelerator.unwrap_model(model)
@@ -384,12 +420,12 @@ class OPSDTrainer(GKDTrainer):
             return None
         return student, teacher
 
-    def completion_signals(self, model, inputs, dense: bool = False):
+    def completion_signals(self, model, inputs, dense: bool = False, student_logits=None):
         """(student signal, teacher signal) for :func:`trl_opsd.objective.token_terms`: hidden states and LM heads
-        where the chunked loss runs, else logits (always with ``dense``); a remote teacher's scores either way; None
-        for the teacher when there is none."""
-        views = None if dense else self.chunked_completion_views(model, inputs)
-        student, teacher = views if views is not None else self.completion_views(model, inputs)
+        where the chunked loss runs, else logits (always with ``dense``, or given as ``student_logits``); a remote
+        teacher's scores either way; None for the teacher when there is none."""
+        views = None if dense or student_logits is not None else self.chunked_completion_views(model, inputs)
+        student, teacher = views if views is not None else self.completion_views(model, inputs, student_logits)
         if self.teacher is not None and not self._local_teacher:
             teacher = self._remote_scores(inputs)
         return student, teacher
@@ -418,12 +454,18 @@ class OPSDTrainer(GKDTrainer):
     def _loss_inputs(self, model, inputs) -> tuple[dict, torch.Tensor]:
         """(the micro-batch with completions, the mask of the positions the loss counts)."""
         if "completion_source" not in inputs:  # evaluation: dataset completions if present, else student samples
+            inputs = self._opsd_batch(inputs)
             inputs = self._attach_completions(inputs, "dataset" if "completions" in inputs else "student")
         return inputs, inputs["completion_mask"].bool()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The loss; with ``return_outputs``, as GKD: ``(loss, the student's model output)`` over the batch's
+        ``prompt + completion`` sequences laid out as GKD's ``input_ids`` (one student forward feeds both)."""
         inputs, mask = self._loss_inputs(model, inputs)
-        student, teacher = self.completion_signals(model, inputs, dense=return_outputs)  # return_outputs: logits
+        outputs = self.student_sequence_outputs(model, inputs)[0] if return_outputs else None
+        student, teacher = self.completion_signals(
+            model, inputs, student_logits=None if outputs is None else completion_positions(outputs.logits, inputs)
+        )
         loss, terms = self.loss_terms(student, teacher, inputs, mask, num_items_in_batch)
         if isinstance(student, HeadInputs):  # without logits, a non-finite logit shows up as a non-finite entropy
             checked = (terms.student_entropy, terms.teacher_entropy)
@@ -431,7 +473,16 @@ class OPSDTrainer(GKDTrainer):
             checked = (student, teacher if torch.is_tensor(teacher) else None)
         loss = self._check_finite(loss, *checked, terms.divergence)
         self._record_token_metrics(inputs, terms, mask)
-        return (loss, {"logits": student}) if return_outputs else loss
+        return (loss, outputs) if return_outputs else loss
+
+    def student_sequence_outputs(self, model, inputs) -> tuple[object, dict[str, torch.Tensor]]:
+        """(the student's model output, the sequences it ran on): GKD's forward, on GKD's layout of the batch's
+        current completions (``input_ids`` / ``attention_mask`` / ``labels``, see ``collator.gkd_sequences``)."""
+        sequences = gkd_sequences(inputs, self.processing_class.pad_token_id)
+        mask = sequences["attention_mask"]
+        outputs = model(input_ids=sequences["input_ids"], attention_mask=mask,
+                        position_ids=position_ids_from_mask(mask), use_cache=False)
+        return outputs, sequences
 
     def _check_finite(self, loss, student_logits, teacher_logits, divergence):
         if torch.isfinite(loss):
@@ -463,6 +514,7 @@ class OPSDTrainer(GKDTrainer):
                 metrics["teacher_entropy"].append(terms.teacher_entropy[mask].mean().item())
         metrics["completion_length"].append(mask.sum(1).float().mean().item())
         metrics["on_policy_fraction"].append(float(inputs.get("completion_source") == "student"))
+        metrics["truncated_prompts"].append(float(inputs["num_truncated_prompts"].sum()))
         metrics["truncated_teacher_prompts"].append(float(inputs["num_truncated_teacher_prompts"].sum()))
         for name, value in self.teacher.metrics().items() if self.teacher is not None else ():
             metrics[f"teacher_{name}"].append(float(value))
@@ -471,22 +523,32 @@ class OPSDTrainer(GKDTrainer):
         )
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """Evaluation reports the distillation loss only (there are no labels to predict)."""
+        """(loss, logits, labels) as GKD's evaluation step gives them to ``compute_metrics``: the student's logits
+        over GKD's ``input_ids`` and GKD's ``labels`` (the completion's ids, -100 elsewhere).
+
+        Logits are returned only when something reads them (``compute_metrics`` or ``preprocess_logits_for_metrics``):
+        gathering [batch, sequence, vocab] logits over a whole evaluation set for nothing is what GKD does.
+        """
         with torch.no_grad():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+            inputs, _ = self._loss_inputs(model, inputs)
+            if prediction_loss_only or (self.compute_metrics is None and self.preprocess_logits_for_metrics is None):
+                return self.compute_loss(model, inputs).detach(), None, None
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        return loss.detach(), outputs.logits, gkd_sequences(inputs, self.processing_class.pad_token_id)["labels"]
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         # Completions were attached in get_batch_samples; skip GKDTrainer.training_step's own sampling.
         return SFTTrainer.training_step(self, model, inputs, num_items_in_batch)
 
 
-def _validate_rows(collator: OPSDCollator, dataset, name: str) -> None:
-    """Build every row's views once before training, so a bad row fails now with its index and field."""
-    if dataset is None or isinstance(dataset, IterableDataset):
-        return
-    for index in range(len(dataset)):
-        try:
-            collator.row_views(dataset[index], index)
-        except ValueError as error:
-            raise ValueError(f"{name}: {error}") from None
+def completion_positions(sequence_logits: torch.Tensor, inputs) -> torch.Tensor:
+    """The [B, T, V] logits predicting each completion token, from logits over GKD's layout of ``inputs``.
+
+    GKD's layout ends every row at the last column: completion token t of a row with n completion tokens sits at
+    column width - n + t and is predicted by the column before it (positions past n are masked in the loss).
+    """
+    width = sequence_logits.shape[1]
+    lengths = inputs["completion_mask"].sum(1, keepdim=True)
+    positions = torch.arange(inputs["completions"].shape[1], device=lengths.device)
+    columns = (width - lengths + positions - 1).clamp(max=width - 1)
+    return sequence_logits.gather(1, columns[..., None].expand(-1, -1, sequence_logits.shape[-1]))

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 import torch
 from trl.experimental.gkd import GKDConfig
 
-from trl_opsd.config import OPSDConfig, _check_choice
+from trl_opsd.config import OPSDConfig, _check_choice, check_finite_floats
 from trl_opsd.geometry import GeometryRecorder
 from trl_opsd.losses import hinton_kd_loss
 from trl_opsd.objective import TokenTerms, dense_entropy, sampled_log_probs, student_entropy, token_terms
@@ -183,6 +183,7 @@ class UnifiedConfig(OPSDConfig):
         return f"{key}={getattr(self, key)!r}{origin}"
 
     def _check_consistency(self) -> None:
+        check_finite_floats(self)  # NaN passes every comparison below
         alpha, lam, kind, sampler = self.reward_weight, self.distillation_weight, self.teacher_kind, self.sampler
         d = self.describe
         if alpha < 0 or lam < 0:

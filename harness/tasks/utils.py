@@ -7,9 +7,8 @@ correctness that training and ``trl-opsd compare`` use.
 
 Data:
 
-- ``opsd_arith``: the arithmetic world's test split, shipped as ``data/arith_test.jsonl`` (the first
-  :data:`ARITH_NUM_PROBLEMS` problems of ``generate_problems(split="test", seed=ARITH_SEED)``; a test keeps
-  the file equal to the generator's output).
+- ``opsd_arith``: the arithmetic world's test split, shipped as ``data/arith_test.jsonl`` (written by
+  ``harness.world.arithmetic.write_task_data``; a test keeps the file equal to the generator's output).
 - ``opsd_gsm8k*``: a local file named with ``--metadata data_file=/abs/path.jsonl`` (GSM8K's own
   ``question``/``answer`` rows, JSONL or parquet), else ``openai/gsm8k`` (config ``main``, split ``test``)
   from the hub. lm-eval 0.4.13 calls a task's ``custom_dataset`` with the run's metadata merged with the
@@ -28,17 +27,15 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict
 from lm_eval.api.task import ConfigurableTask
 
-from harness.arithmetic import generate_problems
+from harness.compare import TOKENS_FIELD
 from harness.verifiers import is_correct, normalize_number
 
 logger = logging.getLogger(__name__)
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 ARITH_DATA = DATA_DIR / "arith_test.jsonl"
-ARITH_NUM_PROBLEMS = 500
-ARITH_SEED = 0
 GSM8K_HUB = ("openai/gsm8k", "main", "test")
-TOKENS_FIELD = "num_output_tokens"  # read by harness.compare
+
 DOC_FIELDS = ("question", "solution", "answer", "difficulty")
 
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
@@ -59,25 +56,6 @@ def solution_steps(solution: str) -> int:
         return annotations
     reasoning = solution.split("####", 1)[0]
     return sum(1 for line in reasoning.splitlines() if line.strip())
-
-
-def arith_rows() -> list[dict]:
-    """The rows of ``data/arith_test.jsonl``, recomputed from the generator."""
-    problems = generate_problems(ARITH_NUM_PROBLEMS, split="test", seed=ARITH_SEED)
-    return [
-        {"id": p.uid, "question": p.question, "solution": p.solution, "answer": p.answer, "difficulty": p.difficulty}
-        for p in problems
-    ]
-
-
-def arith_jsonl() -> str:
-    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in arith_rows())
-
-
-def write_arith_data(path: Path = ARITH_DATA) -> None:
-    """Regenerate the bundled file (after a deliberate change to the arithmetic world)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(arith_jsonl(), encoding="utf-8")
 
 
 def load_arith(**_run_metadata) -> DatasetDict:

@@ -207,7 +207,7 @@ def test_rs_sft_against_a_gateway_echoing_the_key_prints_and_writes_no_secret(lm
     """``trl-opsd rs-sft`` with an API teacher whose gateway answers 400 with the request headers in the body."""
     import argparse
 
-    from harness import rs_sft
+    from harness.world import rs_sft  # what `trl-opsd rs-sft` runs
 
     parser = argparse.ArgumentParser()
     rs_sft.add_arguments(parser)

@@ -142,21 +142,26 @@ _TOKENIZER_PROBES = [
 
 
 def check_same_tokenizer(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase) -> None:
-    """Raise ``ValueError`` unless both tokenizers map text to the same ids.
+    """Raise ``ValueError`` unless both tokenizers give the same ids for the same text.
 
-    Per-token divergences compare distributions over the same vocabulary entries, so equal vocab
-    sizes are not enough: the ids must mean the same strings. Checked on the vocabularies, the
-    special tokens, and the ids of probe texts (plain and chat-formatted).
+    Per-token divergences compare distributions over the same vocabulary entries, so the ids must mean the
+    same strings: checked on the vocabularies, and on the ids of probe texts, plain and with the special
+    tokens that appear in completions (EOS, the chat template's turn markers). Pad, BOS and other settings
+    that never reach a scored position are not compared: ``pad_token = eos_token`` on the student and the
+    teacher's own pad token on disk is the usual TRL setup, and padded positions are masked out.
     """
     problems = []
     student_vocab, teacher_vocab = student.get_vocab(), teacher.get_vocab()
     if student_vocab != teacher_vocab:
         differing = sorted(set(student_vocab.items()) ^ set(teacher_vocab.items()))[:5]
         problems.append(f"vocabularies differ ({len(student_vocab)} vs {len(teacher_vocab)} entries; e.g. {differing})")
-    for attribute in ("eos_token_id", "pad_token_id", "bos_token_id"):
-        if getattr(student, attribute) != getattr(teacher, attribute):
-            problems.append(f"{attribute}: {getattr(student, attribute)} vs {getattr(teacher, attribute)}")
-    for text in _TOKENIZER_PROBES:
+    probes = list(_TOKENIZER_PROBES)
+    if student.eos_token is not None:
+        probes.append(f"The answer is 4.{student.eos_token}")
+    if student.chat_template is not None:
+        chat = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]
+        probes.append(student.apply_chat_template(chat, tokenize=False))
+    for text in probes:
         s_ids = student(text, add_special_tokens=False)["input_ids"]
         t_ids = teacher(text, add_special_tokens=False)["input_ids"]
         if s_ids != t_ids:
