@@ -81,8 +81,8 @@ def _rollout(arm: str, trainer, batch) -> int:
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    from harness.arithmetic import generate_problems, problems_to_rows
-    from harness.tiny_models import build_tokenizer
+    from harness.world.arithmetic import generate_problems, problems_to_rows
+    from harness.world.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()
     rows = problems_to_rows(generate_problems(args.batch * (args.calls + 1), "train", seed=0), with_solution=True)

@@ -13,8 +13,8 @@ from scipy import stats
 from transformers import CompileConfig, Qwen2Config, Qwen2ForCausalLM
 
 import trl_opsd.rollouts
-from harness.arithmetic import generate_problems, problems_to_rows
-from harness.tiny_models import build_tiny_model
+from harness.world.arithmetic import generate_problems, problems_to_rows
+from harness.world.tiny import build_tiny_model
 from trl_opsd import OPSDConfig, OPSDTrainer
 from trl_opsd.forward import completion_logits
 from trl_opsd.rollouts import bucket_width, fixed_shape_prompts, generation_config_for
