@@ -16,6 +16,7 @@ from trl_opsd.losses import (
     masked_token_mean,
     per_token_divergence,
     per_token_entropy,
+    pointwise_clipped_divergence,
     sparse_topk_divergence,
     token_log_probs,
 )
@@ -93,6 +94,32 @@ def test_chunked_divergence_equals_dense(beta, clip_mode):
         heads,
         masked_token_mean(clip_per_token(chunked.values, cap, clip_mode or "clamp"), mask),
         masked_token_mean(clip_per_token(dense, cap, clip_mode or "clamp"), mask),
+    )
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("cap", [0.02, 0.1])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_chunked_pointwise_clip_equals_dense(beta, cap, with_mask):
+    """The written-out pointwise-clip gradient equals autograd of the dense clamp, for all three student tensors."""
+    heads = make_heads(seed=6)
+    mask = heads["mask"] if with_mask else None
+    chunked = chunked_per_token_divergence(
+        heads["student_hidden"], heads["student_weight"], heads["teacher_hidden"], heads["teacher_weight"], beta,
+        TEMPERATURE, mask=mask, chunk_size=CHUNK, student_bias=heads["student_bias"],
+        teacher_bias=heads["teacher_bias"], pointwise_cap=cap,
+    )
+    dense = pointwise_clipped_divergence(student_logits(heads), teacher_logits(heads), beta, cap, TEMPERATURE)
+    keep = heads["mask"] if with_mask else torch.ones_like(heads["mask"])
+    assert 0 < dense.clipped_entries[keep].sum() < keep.sum() * VOCAB  # the cap is active on some entries only
+    torch.testing.assert_close(chunked.clip.unclipped[keep], dense.unclipped[keep], rtol=1e-5, atol=1e-5)
+    assert torch.equal(chunked.clip.clipped_entries[keep], dense.clipped_entries[keep])
+    # A second, per-position clip on top (clamp at the median) checks the upstream gradient reaches the recompute.
+    per_position_cap = dense.values.detach()[keep].median().item()
+    assert_same_loss_and_gradients(
+        heads,
+        masked_token_mean(clip_per_token(chunked.values, per_position_cap, "scale"), heads["mask"]),
+        masked_token_mean(clip_per_token(dense.values, per_position_cap, "scale"), heads["mask"]),
     )
 
 
@@ -177,6 +204,26 @@ def test_chunked_sparse_topk_equals_dense_sparse(beta):
         heads,
         masked_token_mean(clip_per_token(chunked.values, cap, "scale"), heads["mask"]),
         masked_token_mean(clip_per_token(dense, cap, "scale"), heads["mask"]),
+    )
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_chunked_sparse_topk_pointwise_clip_equals_dense_sparse(beta):
+    heads = make_heads(seed=4)
+    teacher_log_probs = torch.log_softmax(teacher_logits(heads) / TEMPERATURE, -1)
+    ids = teacher_log_probs.topk(5, dim=-1).indices
+    ids[0, 0, 3:] = -1
+    log_probs = teacher_log_probs.gather(-1, ids.clamp(min=0))
+    chunked = chunked_sparse_topk_divergence(
+        heads["student_hidden"], heads["student_weight"], ids, log_probs, beta, TEMPERATURE, chunk_size=CHUNK,
+        student_bias=heads["student_bias"], pointwise_cap=0.05,
+    )
+    dense = sparse_topk_divergence(student_logits(heads), ids, log_probs, beta, TEMPERATURE, pointwise_cap=0.05)
+    unclipped = sparse_topk_divergence(student_logits(heads), ids, log_probs, beta, TEMPERATURE)
+    torch.testing.assert_close(chunked.clip.unclipped, unclipped.detach(), rtol=1e-5, atol=1e-5)
+    assert chunked.clip.clipped_entries.sum() > 0
+    assert_same_loss_and_gradients(
+        heads, masked_token_mean(chunked.values, heads["mask"]), masked_token_mean(dense, heads["mask"])
     )
 
 

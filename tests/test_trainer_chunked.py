@@ -134,6 +134,31 @@ def test_chunked_loss_gradients_and_metrics_equal_the_dense_path(tiny_tokenizer,
         assert 0.0 < chunked_step[2]["clipped_fraction"] < 1.0
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("teacher_kind", ["self", "external"])
+def test_chunked_pointwise_clip_equals_the_dense_path(tiny_tokenizer, tmp_path, teacher_kind, beta):
+    clip = {"kl_clip": 0.01, "kl_clip_mode": "pointwise"}
+    dense = _trainer(tiny_tokenizer, tmp_path, teacher_kind, chunked=False, beta=beta, **clip)
+    chunked = _trainer(tiny_tokenizer, tmp_path, teacher_kind, chunked=True, beta=beta, **clip)
+    chunked_step = _step(chunked)
+    assert chunked._dense_loss_reason is None
+    _assert_same_step(_step(dense), chunked_step)
+    metrics = chunked_step[2]
+    assert 0.0 < metrics["clipped_fraction"] < 1.0 and metrics["clipped_mass"] > 0
+    # kl_mean logs the unclipped divergence; the loss is the clipped one, below it.
+    assert chunked_step[0] < metrics["kl_mean"]
+
+
+@pytest.mark.parametrize("teacher_kind", ["external", "remote"])
+def test_chunked_topk_pointwise_clip_equals_the_dense_path(tiny_tokenizer, tmp_path, teacher_kind):
+    config = {"divergence": "topk", "beta": 0.0, "teacher_top_k": 5, "kl_clip": 0.01, "kl_clip_mode": "pointwise"}
+    dense = _trainer(tiny_tokenizer, tmp_path, teacher_kind, chunked=False, **config)
+    chunked = _trainer(tiny_tokenizer, tmp_path, teacher_kind, chunked=True, **config)
+    chunked_step = _step(chunked)
+    _assert_same_step(_step(dense), chunked_step)
+    assert 0.0 < chunked_step[2]["clipped_fraction"] < 1.0
+
+
 @pytest.mark.parametrize("divergence", ["topk", "sampled"])
 @pytest.mark.parametrize("teacher_kind", ["external", "remote", "live"])
 def test_chunked_topk_and_sampled_losses_equal_the_dense_path(tiny_tokenizer, tmp_path, teacher_kind, divergence):

@@ -13,7 +13,8 @@ so peak memory is O(chunk_size * V) instead of O(N * V), at the price of project
 The functions return one value *per position*, and the backward receives one upstream gradient per position. So any
 per-position function applied afterwards — :func:`trl_opsd.losses.clip_per_token` (clamp or scale), masking,
 :func:`trl_opsd.losses.masked_token_mean` — gets exactly the dense path's gradient with no extra pass: the clip
-coefficient reaches the chunk recompute as the upstream gradient of that position.
+coefficient reaches the chunk recompute as the upstream gradient of that position. The pointwise clip acts inside a
+position (on each vocabulary entry's term), so it is a parameter of the chunk forms themselves (``pointwise_cap``).
 
 Like TRL's ``ChunkedDivergenceFunction`` (``trl.kernels.chunked_divergence``), the dense divergence has a written-out
 gradient (so a chunk keeps ~4 ``[chunk, V]`` buffers instead of autograd's ~16). Unlike it, a chunk holds the whole
@@ -36,7 +37,16 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .losses import _check_beta, _check_temperature, sparse_topk_divergence
+from .losses import (
+    PointwiseClipped,
+    _check_beta,
+    _check_cap,
+    _check_temperature,
+    divergence_terms,
+    pointwise_clip,
+    sparse_topk_divergence,
+    sparse_topk_pointwise_clipped,
+)
 
 # Default chunk: as many positions as make one fp32 [chunk, V] buffer about 32 MiB (55 positions at V = 151,936).
 # The dense divergence keeps about 7 such buffers in its forward and 4 in its backward.
@@ -54,6 +64,7 @@ class ChunkedOutput(NamedTuple):
     values: Tensor  # differentiable w.r.t. the student hidden states, LM-head weight and bias
     student_entropy: Tensor  # nats, at the loss temperature; no gradient
     teacher_entropy: Tensor | None  # nats, at the loss temperature; None when the teacher is not a full distribution
+    clip: PointwiseClipped | None = None  # with a pointwise cap: values, unclipped divergence, clipped entries
 
 
 def _project(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -88,11 +99,28 @@ class _DenseDivergence:
         beta = 0:  dd/dx = (p_S - p_T) / tau
         beta = 1:  dd/dx = p_S * (l_S - l_T - d) / tau                          d = KL(p_S || p_T)
         else:      dd/dx = (1 - beta) * p_S * (l_S - log m - a) / tau            a = KL(p_S || m)
+
+    With a pointwise cap c, d = sum_v min(t_v, c) over the per-entry terms t_v; with k_v = 1[t_v <= c] (the entries
+    whose term passes the clamp's gradient), the same derivation entry by entry gives::
+
+        beta = 0:  dd/dx = (p_S * sum_v k_v p_T(v) - k * p_T) / tau
+        beta = 1:  dd/dx = p_S * (k * (r + 1) - sum_v k_v p_S(v) (r_v + 1)) / tau      r = l_S - l_T
+        else:      dd/dx = (1 - beta) * p_S * (k * g - sum_v k_v p_S(v) g_v) / tau      g = l_S - log m
+
+    (for 0 < beta < 1 the terms through log m cancel entry by entry: d t_v / dz_j = (1 - beta) p_S(v) (1[v = j] -
+    p_S(j)) g_v), which are the unclipped gradients when every k_v is 1.
     """
 
-    def __init__(self, teacher_weight: Tensor, teacher_bias: Tensor | None, beta: float, temperature: float):
+    def __init__(
+        self,
+        teacher_weight: Tensor,
+        teacher_bias: Tensor | None,
+        beta: float,
+        temperature: float,
+        pointwise_cap: float | None = None,
+    ):
         self.teacher_weight, self.teacher_bias = teacher_weight, teacher_bias
-        self.beta, self.temperature = beta, temperature
+        self.beta, self.temperature, self.pointwise_cap = beta, temperature, pointwise_cap
 
     def _log_probs(self, student_logits: Tensor, teacher_hidden: Tensor) -> tuple[Tensor, Tensor]:
         teacher_logits = _project(teacher_hidden, self.teacher_weight, self.teacher_bias)
@@ -102,13 +130,19 @@ class _DenseDivergence:
         log_mixture = student_log_probs + math.log1p(-self.beta)
         return torch.logaddexp(log_mixture, teacher_log_probs + math.log(self.beta), out=log_mixture)
 
-    def forward_chunk(self, student_logits: Tensor, teacher_hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Returns (divergence, aux for the backward, [student entropy, teacher entropy])."""
+    def forward_chunk(self, student_logits: Tensor, teacher_hidden: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Returns (divergence, aux for the backward, [student entropy, teacher entropy] (+ [unclipped divergence,
+        clipped entries] with a pointwise cap))."""
         student_log_probs, teacher_log_probs = self._log_probs(student_logits, teacher_hidden)
         student_probs, teacher_probs = student_log_probs.exp(), teacher_log_probs.exp()
         entropies = torch.stack(
             [-_rowdot(student_probs, student_log_probs), -_rowdot(teacher_probs, teacher_log_probs)], dim=-1
         )
+        if self.pointwise_cap is not None:
+            terms = divergence_terms(student_log_probs, teacher_log_probs, self.beta)
+            clipped = pointwise_clip(terms, self.pointwise_cap)
+            stats = torch.stack([clipped.unclipped, clipped.clipped_entries.to(clipped.unclipped.dtype)], dim=-1)
+            return clipped.values, None, torch.cat([entropies, stats], dim=-1)
         if self.beta == 0.0:
             divergence = _rowdot(teacher_probs, teacher_log_probs - student_log_probs)
             return divergence, divergence, entropies
@@ -125,6 +159,8 @@ class _DenseDivergence:
         """d(sum_rows grad_values * divergence) / d student_logits, reusing the recomputed buffers in place."""
         student_log_probs, teacher_log_probs = self._log_probs(student_logits, teacher_hidden)
         scale = (grad_values / self.temperature).unsqueeze(-1)
+        if self.pointwise_cap is not None:
+            return self._pointwise_grad(student_log_probs, teacher_log_probs).mul_(scale)
         if self.beta == 0.0:
             return student_log_probs.exp_().sub_(teacher_log_probs.exp_()).mul_(scale)
         if self.beta == 1.0:
@@ -135,21 +171,48 @@ class _DenseDivergence:
         gap = log_mixture.neg_().add_(student_log_probs).sub_(aux.unsqueeze(-1))
         return student_log_probs.exp_().mul_(gap).mul_(scale * (1.0 - self.beta))
 
+    def _pointwise_grad(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
+        """d(sum_v min(t_v, cap)) / dz for the chunk, z = x / tau (see the class docstring)."""
+        kept = divergence_terms(student_log_probs, teacher_log_probs, self.beta).le_(self.pointwise_cap)
+        student_probs = student_log_probs.exp()
+        if self.beta == 0.0:
+            kept_teacher = teacher_log_probs.exp_().mul_(kept)
+            return student_probs.mul_(kept_teacher.sum(-1, keepdim=True)).sub_(kept_teacher)
+        if self.beta == 1.0:
+            gap = student_log_probs.sub_(teacher_log_probs).add_(1.0)  # r + 1
+            factor = 1.0
+        else:
+            gap = student_log_probs.sub_(self._log_mixture(student_log_probs, teacher_log_probs))  # g
+            factor = 1.0 - self.beta
+        kept_gap = gap.mul_(kept)
+        baseline = _rowdot(student_probs, kept_gap).unsqueeze(-1)
+        return student_probs.mul_(kept_gap.sub_(baseline)).mul_(factor)
+
 
 class _SparseTopK:
     """:func:`trl_opsd.losses.sparse_topk_divergence` on a chunk; its gradient comes from autograd on the chunk."""
 
-    def __init__(self, beta: float, temperature: float):
-        self.beta, self.temperature = beta, temperature
+    def __init__(self, beta: float, temperature: float, pointwise_cap: float | None = None):
+        self.beta, self.temperature, self.pointwise_cap = beta, temperature, pointwise_cap
 
     def forward_chunk(self, student_logits: Tensor, ids: Tensor, logprobs: Tensor) -> tuple[Tensor, None, Tensor]:
-        values = sparse_topk_divergence(student_logits, ids, logprobs, self.beta, self.temperature)
-        return values, None, _entropy(_log_softmax_(student_logits, self.temperature)).unsqueeze(-1)
+        """Returns (divergence, None, [student entropy] (+ [unclipped divergence, clipped buckets] with a cap))."""
+        if self.pointwise_cap is None:
+            values = sparse_topk_divergence(student_logits, ids, logprobs, self.beta, self.temperature)
+            return values, None, _entropy(_log_softmax_(student_logits, self.temperature)).unsqueeze(-1)
+        clipped = sparse_topk_pointwise_clipped(
+            student_logits, ids, logprobs, self.beta, self.pointwise_cap, self.temperature
+        )
+        entropy = _entropy(_log_softmax_(student_logits, self.temperature))
+        stats = [entropy, clipped.unclipped, clipped.clipped_entries.to(entropy.dtype)]
+        return clipped.values, None, torch.stack(stats, dim=-1)
 
     def grad_chunk(self, student_logits: Tensor, ids: Tensor, logprobs: Tensor, aux: None, grad_values: Tensor):
         student_logits.requires_grad_()
         with torch.enable_grad():
-            values = sparse_topk_divergence(student_logits, ids, logprobs, self.beta, self.temperature)
+            values = sparse_topk_divergence(
+                student_logits, ids, logprobs, self.beta, self.temperature, self.pointwise_cap
+            )
             return torch.autograd.grad(values, student_logits, grad_values)[0]
 
 
@@ -270,6 +333,7 @@ def chunked_per_token_divergence(
     chunk_size: int | None = None,
     student_bias: Tensor | None = None,
     teacher_bias: Tensor | None = None,
+    pointwise_cap: float | None = None,
 ) -> ChunkedOutput:
     """:func:`trl_opsd.losses.per_token_divergence` of ``h_S W_S^T + b_S`` and ``h_T W_T^T + b_T``, chunked.
 
@@ -281,17 +345,22 @@ def chunked_per_token_divergence(
         beta, temperature: as in :func:`trl_opsd.losses.per_token_divergence`.
         mask: optional ``[...]``; masked-out positions are not projected and return 0 (and 0 entropies).
         chunk_size: positions projected at once (default :func:`default_chunk_size`).
+        pointwise_cap: cap each vocabulary entry's term before the sum, as
+            :func:`trl_opsd.losses.per_token_divergence`'s ``pointwise_cap``.
 
     Returns:
-        :class:`ChunkedOutput` with ``values`` = d_t and both entropies at ``temperature``.
+        :class:`ChunkedOutput` with ``values`` = d_t (pointwise-clipped with a cap), both entropies at
+        ``temperature``, and with a cap ``clip`` (the unclipped divergence and the number of clipped entries).
     """
     _check_beta(beta)
     _check_temperature(temperature)
-    form = _DenseDivergence(teacher_weight.detach(), _detach(teacher_bias), beta, temperature)
+    if pointwise_cap is not None:
+        _check_cap(pointwise_cap)
+    form = _DenseDivergence(teacher_weight.detach(), _detach(teacher_bias), beta, temperature, pointwise_cap)
     values, stats = _run_chunked(
         form, student_hidden, student_weight, student_bias, (teacher_hidden.detach(),), mask, chunk_size
     )
-    return ChunkedOutput(values, stats[..., 0], stats[..., 1])
+    return ChunkedOutput(values, stats[..., 0], stats[..., 1], _clip_stats(values, stats[..., 2:]))
 
 
 def chunked_sparse_topk_divergence(
@@ -305,16 +374,19 @@ def chunked_sparse_topk_divergence(
     mask: Tensor | None = None,
     chunk_size: int | None = None,
     student_bias: Tensor | None = None,
+    pointwise_cap: float | None = None,
 ) -> ChunkedOutput:
     """:func:`trl_opsd.losses.sparse_topk_divergence` of ``h_S W_S^T + b_S``, chunked (beta 0: top-k forward KL).
 
     ``teacher_topk_ids`` / ``teacher_topk_logprobs`` are ``[..., K]`` (negative id = padding). ``teacher_entropy``
-    is None: the teacher is known on K tokens only.
+    is None: the teacher is known on K tokens only. ``pointwise_cap`` caps each of the K + 1 bucket terms.
     """
     _check_beta(beta)
     _check_temperature(temperature)
+    if pointwise_cap is not None:
+        _check_cap(pointwise_cap)
     values, stats = _run_chunked(
-        _SparseTopK(beta, temperature),
+        _SparseTopK(beta, temperature, pointwise_cap),
         student_hidden,
         student_weight,
         student_bias,
@@ -322,7 +394,14 @@ def chunked_sparse_topk_divergence(
         mask,
         chunk_size,
     )
-    return ChunkedOutput(values, stats[..., 0], None)
+    return ChunkedOutput(values, stats[..., 0], None, _clip_stats(values, stats[..., 1:]))
+
+
+def _clip_stats(values: Tensor, columns: Tensor) -> PointwiseClipped | None:
+    """The pointwise clip's (unclipped divergence, clipped entries) stats columns, or None without a cap."""
+    if columns.size(-1) == 0:
+        return None
+    return PointwiseClipped(values, columns[..., 0], columns[..., 1].round().long())
 
 
 def chunked_token_log_probs(

@@ -381,6 +381,9 @@ class OPSDCollator:
         batch["num_truncated_prompts"] = torch.tensor(sum(v.prompt_truncated for v in views))
         batch["num_truncated_teacher_prompts"] = torch.tensor(sum(v.teacher_prompt_truncated for v in views))
         batch["num_privileged_rows"] = torch.tensor(sum(v.has_privileged_context for v in views))
+        routes = [row.get("teacher") for row in rows]
+        if any(route is not None for route in routes):  # multi-teacher rows: which teacher scores each
+            batch["teacher_routes"] = routes
         return batch
 
 

@@ -20,7 +20,8 @@ from trl.experimental.gkd import GKDConfig
 from trl_opsd.prompts import DEFAULT_ANSWER_CONTEXT_TEMPLATE, DEFAULT_TEACHER_PROMPT_TEMPLATE, check_templates
 
 SELF_TEACHER_MODES = ("frozen", "ema", "live")
-CLIP_MODES = ("clamp", "scale")
+CLIP_MODES = ("clamp", "scale", "pointwise")
+COLLAPSE_GUARD_MODES = ("off", "warn", "stop")
 DIVERGENCES = ("full", "topk", "sampled")
 TRUNCATION_POLICIES = ("error", "truncate_left")
 NONFINITE_POLICIES = ("raise", "skip")
@@ -66,12 +67,18 @@ class OPSDConfig(GKDConfig):
         loss_temperature (`float`, defaults to `1.0`): both distributions are `softmax(logits / loss_temperature)`
             in the loss. GKD ignores its `temperature` in the loss (it always uses 1.0); so do we by default,
             and this knob makes the choice explicit instead of silent.
-        kl_clip (`float` or `None`, defaults to `None`): per-token cap on the divergence, applied after the
-            vocabulary sum.
-        kl_clip_mode (`str`, defaults to `"clamp"`): `"clamp"`: `min(d_t, c)`, no gradient above the cap
-            (the seed notebook's `kl.clamp(max=c)`); `"scale"`: `d_t * min(1, c / stopgrad(d_t))`,
-            value capped and gradient direction kept.
+        kl_clip (`float` or `None`, defaults to `None`): the cap of `kl_clip_mode`.
+        kl_clip_mode (`str`, defaults to `"clamp"`): where the cap acts. Per token, after the vocabulary sum:
+            `"clamp"`: `min(d_t, c)`, no gradient above the cap (the seed notebook's `kl.clamp(max=c)`);
+            `"scale"`: `d_t * min(1, c / stopgrad(d_t))`, value capped and gradient direction kept. Per vocabulary
+            entry, before the sum: `"pointwise"`: `sum_v min(term_v, c)`, the reference OPSD code's
+            `--jsd_token_clip` (`jsd.clamp(max=c)` on the `[B, T, V]` terms). Entry terms can be negative and
+            are kept, so a position's value can be negative; entries above the cap give no gradient. With
+            `divergence="topk"` each of the k + 1 bucket terms is capped (the tail bucket as one term).
         sampled_ratio_cap (`float`, defaults to `2.0`): cap on the importance ratio of the sampled-token loss.
+        collapse_guard (`str`, defaults to `"warn"`): watch the logged metrics for the signs that precede a
+            collapse (`trl_opsd.collapse.CollapseGuard`): `"warn"` logs a warning with the evidence, `"stop"` also
+            stops training and names the last healthy checkpoint, `"off"` does neither.
         nonfinite_loss (`str`, defaults to `"raise"`): a non-finite loss stops training with a message naming
             the step and the statistic (`"raise"`), or the step contributes no gradient (`"skip"`).
         chunked_loss (`bool`, defaults to `True`): compute the loss from final hidden states and the LM head a chunk
@@ -135,6 +142,7 @@ class OPSDConfig(GKDConfig):
     kl_clip: float | None = field(default=None, metadata={"help": "Per-token divergence cap (None: no clipping)."})
     kl_clip_mode: str = field(default="clamp", metadata={"help": f"One of {CLIP_MODES}."})
     sampled_ratio_cap: float = field(default=2.0)
+    collapse_guard: str = field(default="warn", metadata={"help": f"One of {COLLAPSE_GUARD_MODES}."})
     nonfinite_loss: str = field(default="raise", metadata={"help": f"One of {NONFINITE_POLICIES}."})
     chunked_loss: bool = field(
         default=True,
@@ -174,6 +182,7 @@ class OPSDConfig(GKDConfig):
         """Validate the knobs OPSD adds to ``GKDConfig`` (also run when a ``GKDConfig`` is adopted in place)."""
         _check_choice("self_teacher", self.self_teacher, SELF_TEACHER_MODES)
         _check_choice("kl_clip_mode", self.kl_clip_mode, CLIP_MODES)
+        _check_choice("collapse_guard", self.collapse_guard, COLLAPSE_GUARD_MODES)
         _check_choice("divergence", self.divergence, DIVERGENCES)
         _check_choice("privileged_truncation", self.privileged_truncation, TRUNCATION_POLICIES)
         _check_choice("nonfinite_loss", self.nonfinite_loss, NONFINITE_POLICIES)

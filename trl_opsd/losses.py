@@ -5,9 +5,17 @@ teacher p_T are distributions over the vocabulary, both computed from logits div
 
     p_S = softmax(student_logits / tau),   p_T = softmax(teacher_logits / tau)
 
-The per-position divergence ``d_t`` is summed over the vocabulary *first*; clipping (:func:`clip_per_token`) and the
-reduction (:func:`masked_token_mean`) act on these per-position values only. Clipping individual vocabulary terms is
-wrong: those terms can be negative, so capping them can make the loss negative.
+The per-position divergence ``d_t`` is the sum over the vocabulary of per-entry terms (:func:`divergence_terms`).
+Two kinds of clipping exist, as separate named modes (:func:`clipped_per_token_divergence`):
+
+- per-token (``"clamp"``, ``"scale"``, :func:`clip_per_token`): acts on ``d_t`` after the vocabulary sum; the clipped
+  value stays in ``[0, cap]``.
+- pointwise (``"pointwise"``, the reference OPSD code's ``jsd.clamp(max=token_clip)``): caps each vocabulary entry's
+  term before the sum. The terms of KL(p || q) are ``p(v) * log(p(v) / q(v))``, negative wherever ``p(v) < q(v)``;
+  only the positive ones are capped, so a position's clipped value can be negative, and its gradient is that of the
+  entries at or below the cap only.
+
+The reduction (:func:`masked_token_mean`) acts on the per-position values.
 
 Teacher tensors are targets. Dense teacher logits are not detached here (exactly like
 ``GKDTrainer.generalized_jsd_loss``): compute them under ``torch.no_grad()``. Teacher inputs that are data (top-k
@@ -24,7 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
-ClipMode = Literal["clamp", "scale"]
+ClipMode = Literal["clamp", "scale", "pointwise"]
+PER_TOKEN_CLIP_MODES = ("clamp", "scale")
 
 
 def _check_beta(beta: float) -> None:
@@ -37,50 +46,140 @@ def _check_temperature(temperature: float) -> None:
         raise ValueError(f"temperature must be positive, got {temperature}")
 
 
-def divergence_from_log_probs(student_log_probs: Tensor, teacher_log_probs: Tensor, beta: float) -> Tensor:
-    """Generalized JSD between two (normalised) log-distributions, summed over the last dimension.
+def divergence_terms(student_log_probs: Tensor, teacher_log_probs: Tensor, beta: float) -> Tensor:
+    """Per-entry terms of the generalized JSD between two (normalised) log-distributions, ``[..., V]``.
 
     With mixture ``m = beta * p_T + (1 - beta) * p_S`` (the side that gets ``beta`` matches
-    ``GKDTrainer.generalized_jsd_loss``)::
+    ``GKDTrainer.generalized_jsd_loss``), the term of entry v is::
 
-        beta = 0:      KL(p_T || p_S) = sum_v p_T(v) * (log p_T(v) - log p_S(v))         forward KL
-        beta = 1:      KL(p_S || p_T) = sum_v p_S(v) * (log p_S(v) - log p_T(v))         reverse KL
-        0 < beta < 1:  beta * KL(p_T || m) + (1 - beta) * KL(p_S || m)                   GKD eq. 1
+        beta = 0:      p_T(v) * (log p_T(v) - log p_S(v))                                   forward KL(p_T || p_S)
+        beta = 1:      p_S(v) * (log p_S(v) - log p_T(v))                                   reverse KL(p_S || p_T)
+        0 < beta < 1:  beta * p_T(v) log(p_T(v) / m(v)) + (1 - beta) * p_S(v) log(p_S(v) / m(v))     GKD eq. 1
 
-    The endpoints are special cases, as in TRL: the mixed formula itself tends to 0 (not to a KL) as beta -> 0 or 1,
-    so a beta of 0.01 is a nearly vanishing loss, not "almost forward KL".
+    Their sum over v is the divergence; single terms can be negative.
     """
     _check_beta(beta)
     # F.kl_div(input, target) = target * (log target - input) = the terms of KL(target || input).
     if beta == 0.0:
-        terms = F.kl_div(student_log_probs, teacher_log_probs, reduction="none", log_target=True)
-    elif beta == 1.0:
-        terms = F.kl_div(teacher_log_probs, student_log_probs, reduction="none", log_target=True)
-    else:
-        # log m = logaddexp(log p_S + log(1 - beta), log p_T + log beta); logaddexp avoids TRL's stacked copy.
-        log_mixture = torch.logaddexp(student_log_probs + math.log1p(-beta), teacher_log_probs + math.log(beta))
-        teacher_to_mixture = F.kl_div(log_mixture, teacher_log_probs, reduction="none", log_target=True)
-        student_to_mixture = F.kl_div(log_mixture, student_log_probs, reduction="none", log_target=True)
-        terms = beta * teacher_to_mixture + (1.0 - beta) * student_to_mixture
-    return terms.sum(-1)
+        return F.kl_div(student_log_probs, teacher_log_probs, reduction="none", log_target=True)
+    if beta == 1.0:
+        return F.kl_div(teacher_log_probs, student_log_probs, reduction="none", log_target=True)
+    # log m = logaddexp(log p_S + log(1 - beta), log p_T + log beta); logaddexp avoids TRL's stacked copy.
+    log_mixture = torch.logaddexp(student_log_probs + math.log1p(-beta), teacher_log_probs + math.log(beta))
+    teacher_to_mixture = F.kl_div(log_mixture, teacher_log_probs, reduction="none", log_target=True)
+    student_to_mixture = F.kl_div(log_mixture, student_log_probs, reduction="none", log_target=True)
+    return beta * teacher_to_mixture + (1.0 - beta) * student_to_mixture
+
+
+class PointwiseClipped(NamedTuple):
+    """Per-position results of :func:`pointwise_clip`, ``[...]``."""
+
+    values: Tensor  # sum_v min(term_v, cap): differentiable, can be negative
+    unclipped: Tensor  # sum_v term_v, detached: the divergence itself, to log
+    clipped_entries: Tensor  # number of entries v with term_v > cap, detached
+
+    @property
+    def clipped_mass(self) -> Tensor:
+        """``sum_v max(term_v - cap, 0)``: what the cap removed at each position."""
+        return self.unclipped - self.values.detach()
+
+
+def _check_cap(cap: float) -> None:
+    if not cap > 0:
+        raise ValueError(f"kl clip cap must be positive, got {cap}")
+
+
+def pointwise_clip(terms: Tensor, cap: float) -> PointwiseClipped:
+    """Cap each entry's term at ``cap`` (``terms.clamp(max=cap)``, negative terms kept), then sum the last dimension.
+
+    Gradient: an entry above the cap contributes none (clamp's gradient is 1 up to and including the cap, 0 above);
+    the others contribute their full gradient. The logits still couple through the softmax: for forward KL the
+    gradient at a capped entry v is ``p_S(v) * sum_{kept u} p_T(u) >= 0``, so a descent step lowers the student's
+    probability of a token whose term was capped (typically one the teacher prefers far more than the student).
+    """
+    _check_cap(cap)
+    with torch.no_grad():
+        unclipped, clipped_entries = terms.sum(-1), (terms > cap).sum(-1)
+    return PointwiseClipped(terms.clamp(max=cap).sum(-1), unclipped, clipped_entries)
+
+
+def divergence_from_log_probs(
+    student_log_probs: Tensor, teacher_log_probs: Tensor, beta: float, pointwise_cap: float | None = None
+) -> Tensor:
+    """Generalized JSD between two (normalised) log-distributions, summed over the last dimension.
+
+    ``beta`` as in :func:`divergence_terms`::
+
+        beta = 0:      KL(p_T || p_S)                                   forward KL
+        beta = 1:      KL(p_S || p_T)                                   reverse KL
+        0 < beta < 1:  beta * KL(p_T || m) + (1 - beta) * KL(p_S || m)  GKD eq. 1
+
+    The endpoints are special cases, as in TRL: the mixed formula itself tends to 0 (not to a KL) as beta -> 0 or 1,
+    so a beta of 0.01 is a nearly vanishing loss, not "almost forward KL".
+
+    ``pointwise_cap``: cap each entry's term before the sum (:func:`pointwise_clip`); ``None`` sums them unclipped.
+    """
+    terms = divergence_terms(student_log_probs, teacher_log_probs, beta)
+    return terms.sum(-1) if pointwise_cap is None else pointwise_clip(terms, pointwise_cap).values
 
 
 def per_token_divergence(
-    student_logits: Tensor, teacher_logits: Tensor, beta: float, temperature: float = 1.0
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    beta: float,
+    temperature: float = 1.0,
+    pointwise_cap: float | None = None,
 ) -> Tensor:
     """Per-position divergence ``d_t`` between student and teacher, summed over the vocabulary.
 
     ``beta`` as in GKD (0 forward KL(p_T || p_S), 1 reverse KL(p_S || p_T), between: generalized JSD, see
-    :func:`divergence_from_log_probs`). Both logits are divided by ``temperature``.
+    :func:`divergence_from_log_probs`). Both logits are divided by ``temperature``. ``pointwise_cap`` caps each
+    vocabulary entry's term before the sum (:func:`pointwise_clip`).
 
     Shapes: logits ``[..., V]`` -> ``[...]``. Masking and reduction are the caller's (:func:`masked_token_mean`);
     ``masked_token_mean(per_token_divergence(s, t, beta, tau), labels != -100)`` equals
     ``GKDTrainer.generalized_jsd_loss(s, t, labels, beta, tau)``.
     """
+    return pointwise_clipped_divergence(student_logits, teacher_logits, beta, pointwise_cap, temperature).values
+
+
+def pointwise_clipped_divergence(
+    student_logits: Tensor, teacher_logits: Tensor, beta: float, cap: float | None, temperature: float = 1.0
+) -> PointwiseClipped:
+    """:func:`per_token_divergence` with each vocabulary entry's term capped at ``cap``, plus what the cap removed.
+
+    The reference OPSD code's ``jsd_token_clip``: ``masked_token_mean(pointwise_clipped_divergence(s, t, beta, c,
+    tau).values, mask)`` is its ``generalized_jsd_loss(s, t, labels, beta, tau, token_clip=c)``. ``cap=None``: no cap
+    (``values`` is the divergence, no entry counted as clipped).
+    """
     _check_temperature(temperature)
     student_log_probs = F.log_softmax(student_logits / temperature, dim=-1)
     teacher_log_probs = F.log_softmax(teacher_logits / temperature, dim=-1)
-    return divergence_from_log_probs(student_log_probs, teacher_log_probs, beta)
+    terms = divergence_terms(student_log_probs, teacher_log_probs, beta)
+    if cap is None:
+        values = terms.sum(-1)
+        return PointwiseClipped(values, values.detach(), torch.zeros_like(values, dtype=torch.long))
+    return pointwise_clip(terms, cap)
+
+
+def clipped_per_token_divergence(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    beta: float,
+    cap: float | None,
+    mode: ClipMode = "clamp",
+    temperature: float = 1.0,
+) -> Tensor:
+    """Per-position divergence under a clip, ``[..., V]`` logits -> ``[...]``: every clip mode in one place.
+
+    - ``"pointwise"``: each vocabulary entry's term capped before the sum (:func:`pointwise_clip`); can be negative.
+    - ``"clamp"`` / ``"scale"``: the summed ``d_t`` capped (:func:`clip_per_token`); stays in ``[0, cap]``.
+
+    ``cap=None``: the unclipped divergence in every mode.
+    """
+    if mode == "pointwise":
+        return per_token_divergence(student_logits, teacher_logits, beta, temperature, pointwise_cap=cap)
+    return clip_per_token(per_token_divergence(student_logits, teacher_logits, beta, temperature), cap, mode)
 
 
 def clip_per_token(divergence: Tensor, cap: float | None, mode: ClipMode = "clamp") -> Tensor:
@@ -94,14 +193,16 @@ def clip_per_token(divergence: Tensor, cap: float | None, mode: ClipMode = "clam
     """
     if cap is None:
         return divergence
-    if not cap > 0:
-        raise ValueError(f"kl clip cap must be positive, got {cap}")
+    _check_cap(cap)
     if mode == "clamp":
         return divergence.clamp(max=cap)
     if mode == "scale":
         # cap / max(d, cap) = min(1, cap / d) without dividing by a zero divergence.
         return divergence * (cap / divergence.detach().clamp(min=cap))
-    raise ValueError(f"clip mode must be 'clamp' or 'scale', got {mode!r}")
+    raise ValueError(
+        f"clip mode must be 'clamp' or 'scale' here, got {mode!r} ('pointwise' acts before the vocabulary sum: "
+        "pass pointwise_cap to per_token_divergence, or use clipped_per_token_divergence)"
+    )
 
 
 def masked_token_mean(values: Tensor, mask: Tensor, num_generated_tokens: int | Tensor | None = None) -> Tensor:
@@ -131,6 +232,7 @@ def sparse_topk_divergence(
     teacher_topk_logprobs: Tensor,
     beta: float = 0.0,
     temperature: float = 1.0,
+    pointwise_cap: float | None = None,
 ) -> Tensor:
     """Divergence on the teacher's top-K tokens plus one tail bucket, per position.
 
@@ -148,6 +250,11 @@ def sparse_topk_divergence(
     almost all of the teacher's mass its log is poor; reverse KL and JSD weigh that log by the student's tail mass and
     inherit the error (forward KL weighs it by the tiny tail itself). API log-probs are rounded anyway.
 
+    Pointwise clip (``pointwise_cap``): each of the K + 1 bucket terms is capped before the sum, the tail bucket as one
+    term (the teacher's tail is known only as a total). With the whole vocabulary as ``S_t`` this is the dense
+    pointwise clip; otherwise it is not the dense value restricted to the top-K, since the tail's entries are capped
+    as one merged term.
+
     Args:
         student_logits: ``[..., V]``. Log-probabilities work too: ``log_softmax(x / tau)`` ignores a per-row constant.
             Divided by ``temperature``.
@@ -155,6 +262,31 @@ def sparse_topk_divergence(
             Ids must be unique within a position.
         teacher_topk_logprobs: ``[..., K]`` teacher log-probabilities of those ids, already at the teacher's
             temperature (an API returns them normalised; ``temperature`` is not applied to them). Detached.
+    """
+    buckets = topk_bucket_log_probs(student_logits, teacher_topk_ids, teacher_topk_logprobs, temperature)
+    return divergence_from_log_probs(*buckets, beta, pointwise_cap)
+
+
+def sparse_topk_pointwise_clipped(
+    student_logits: Tensor,
+    teacher_topk_ids: Tensor,
+    teacher_topk_logprobs: Tensor,
+    beta: float,
+    cap: float,
+    temperature: float = 1.0,
+) -> PointwiseClipped:
+    """:func:`sparse_topk_divergence` with each of the K + 1 bucket terms capped at ``cap``, plus what the cap
+    removed."""
+    buckets = topk_bucket_log_probs(student_logits, teacher_topk_ids, teacher_topk_logprobs, temperature)
+    return pointwise_clip(divergence_terms(*buckets, beta), cap)
+
+
+def topk_bucket_log_probs(
+    student_logits: Tensor, teacher_topk_ids: Tensor, teacher_topk_logprobs: Tensor, temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """(student, teacher) log-probabilities of the K + 1 buckets of :func:`sparse_topk_divergence`, ``[..., K + 1]``.
+
+    Padded entries and an empty tail get log-prob 0 on both sides: a zero term for every beta.
     """
     _check_temperature(temperature)
     student_log_probs = F.log_softmax(student_logits / temperature, dim=-1)
@@ -180,15 +312,14 @@ def sparse_topk_divergence(
     teacher_covered = torch.logsumexp(teacher_topk, dim=-1).clamp(max=0.0)
     teacher_tail = _log1mexp(teacher_covered).clamp(min=log_floor)
 
-    # Padded entries and an empty tail get the same log-prob (0) on both sides: a zero term for every beta, and the
-    # constant carries no gradient.
+    # The same log-prob (0) on both sides for padding and an empty tail; the constant carries no gradient.
     student_buckets = torch.cat(
         [torch.where(valid, student_topk, 0.0), torch.where(tail_is_empty, 0.0, student_tail).unsqueeze(-1)], dim=-1
     )
     teacher_buckets = torch.cat(
         [torch.where(valid, teacher_topk, 0.0), torch.where(tail_is_empty, 0.0, teacher_tail).unsqueeze(-1)], dim=-1
     )
-    return divergence_from_log_probs(student_buckets, teacher_buckets, beta)
+    return student_buckets, teacher_buckets
 
 
 class SampledTokenTerms(NamedTuple):

@@ -32,18 +32,23 @@ from trl_opsd.chunked import (
 )
 from trl_opsd.forward import HeadInputs
 from trl_opsd.losses import (
+    PointwiseClipped,
     clip_per_token,
     masked_token_mean,
     per_token_divergence,
     per_token_entropy,
+    pointwise_clipped_divergence,
     sampled_token_reverse_kl,
     sparse_topk_divergence,
+    sparse_topk_pointwise_clipped,
     token_log_probs,
 )
+from trl_opsd.metrics import pointwise_clip_statistics
 from trl_opsd.teachers.base import Teacher, TopKScores
+from trl_opsd.teachers.routing import BlendedScores
 
 StudentSignal = Tensor | HeadInputs  # logits [B, T, V], or final hidden states + LM head
-TeacherSignal = Tensor | HeadInputs | TopKScores | None  # None: no teacher
+TeacherSignal = Tensor | HeadInputs | TopKScores | BlendedScores | None  # None: no teacher
 
 
 class TeacherRequirement(NamedTuple):
@@ -67,8 +72,10 @@ class TeacherRequirement(NamedTuple):
 class Divergence:
     """The per-token distillation loss: which divergence, at which temperature, clipped how.
 
-    - ``kind="full"``: generalized JSD(``beta``) over the whole vocabulary, then the per-token clip.
-    - ``kind="topk"``: the same on the teacher's ``top_k`` tokens plus a tail bucket (a dense teacher: its own top-k).
+    - ``kind="full"``: generalized JSD(``beta``) over the whole vocabulary, then the per-token clip (``clamp``,
+      ``scale``); with ``clip_mode="pointwise"`` each vocabulary entry's term is capped before the sum instead.
+    - ``kind="topk"``: the same on the teacher's ``top_k`` tokens plus a tail bucket (a dense teacher: its own top-k);
+      ``pointwise`` caps each of the ``top_k + 1`` bucket terms.
     - ``kind="sampled"``: the policy-gradient surrogate of reverse KL on the sampled token, importance ratio capped
       at ``ratio_cap``; the logged value is the estimate ``log p_S(y) - log p_T(y)``, not the surrogate.
     """
@@ -77,9 +84,18 @@ class Divergence:
     beta: float = 1.0
     temperature: float = 1.0  # both distributions are softmax(logits / temperature)
     top_k: int = 0  # the teacher's k for kind "topk"; 0 otherwise (what Teacher.score_topk takes for sampled tokens)
-    clip: float | None = None  # per-token cap (kinds "full" and "topk")
-    clip_mode: str = "clamp"
+    clip: float | None = None  # the cap of clip_mode (kinds "full" and "topk")
+    clip_mode: str = "clamp"  # "clamp" / "scale": per token, after the vocabulary sum; "pointwise": per entry, before
     ratio_cap: float | None = 2.0  # kind "sampled"
+
+    @property
+    def pointwise_cap(self) -> float | None:
+        """The cap on each vocabulary entry's term (``clip_mode="pointwise"``), else None."""
+        return self.clip if self.clip_mode == "pointwise" else None
+
+    def clip_per_token(self, values: Tensor) -> Tensor:
+        """The per-token clip (``clamp``, ``scale``) of summed values; the pointwise clip acted before the sum."""
+        return values if self.pointwise_cap is not None else clip_per_token(values, self.clip, self.clip_mode)
 
     @classmethod
     def from_config(cls, args) -> Divergence:
@@ -129,7 +145,9 @@ class Divergence:
             divergence = f"{name}, summed over {scope}  [beta={self.beta}]"
         clip = "none"
         if self.clip is not None:
-            clip = f"{self.clip_mode} at {self.clip} per token, after the vocabulary sum"
+            where = "on each vocabulary entry's term, before the sum" if self.pointwise_cap is not None else (
+                "per token, after the vocabulary sum")
+            clip = f"{self.clip_mode} at {self.clip} {where}"
         return {"divergence": divergence, "clip": clip, "loss_temperature": self.temperature}
 
 
@@ -140,6 +158,11 @@ class TokenTerms(NamedTuple):
     divergence: Tensor | None  # to log (None: no divergence was computed)
     student_entropy: Tensor  # nats at the loss temperature, no gradient
     teacher_entropy: Tensor | None  # None when the teacher is not a full distribution (remote, or no teacher)
+    clip_metrics: dict[str, float] | None = None  # the pointwise clip's clipped_fraction / clipped_mass(_share)
+
+
+def _clip_metrics(clip: PointwiseClipped | None, mask: Tensor, entries_per_position: int) -> dict[str, float] | None:
+    return None if clip is None else pointwise_clip_statistics(clip, mask, entries_per_position)
 
 
 def token_terms(
@@ -155,33 +178,61 @@ def token_terms(
 
     ``student`` and ``teacher`` are both logits (dense path) or both :class:`HeadInputs` (chunked path), except that a
     remote teacher's :class:`TopKScores` pairs with either. ``completions`` are the scored token ids, ``mask`` the
-    positions that count.
+    positions that count. A :class:`~trl_opsd.teachers.routing.TeacherBlend`'s scores give ``sum_i w_i * terms_i``.
     """
+    if isinstance(teacher, BlendedScores):
+        parts = [token_terms(divergence, student, part.scores, completions, mask, chunk_size=chunk_size)
+                 for part in teacher]
+        return _weighted_terms(parts, [part.weight for part in teacher])
     if isinstance(student, HeadInputs):
         return _chunked_terms(divergence, student, teacher, completions, mask, chunk_size)
     return _dense_terms(divergence, student, teacher, completions, mask)
 
 
+def _weighted_terms(parts: list[TokenTerms], weights: list[float]) -> TokenTerms:
+    """``sum_i w_i * parts_i`` for the loss, the logged divergence and the clip metrics (the student's entropy is
+    the same in every part)."""
+    def weighted(values):
+        return sum(w * v for w, v in zip(weights, values))
+
+    clip_metrics = None
+    if parts[0].clip_metrics:
+        clip_metrics = {key: weighted(p.clip_metrics[key] for p in parts) for key in parts[0].clip_metrics}
+    return TokenTerms(weighted(p.per_token_loss for p in parts), weighted(p.divergence for p in parts),
+                      parts[0].student_entropy, None, clip_metrics)
+
+
 def _dense_terms(d: Divergence, student_logits: Tensor, teacher, completions: Tensor, mask: Tensor) -> TokenTerms:
     tau = d.temperature
     remote = isinstance(teacher, TopKScores)
+    clip_metrics = None
     if d.kind == "full":
-        values = per_token_divergence(student_logits, teacher, d.beta, tau)
-        loss = clip_per_token(values, d.clip, d.clip_mode)
+        if d.pointwise_cap is not None:
+            clip = pointwise_clipped_divergence(student_logits, teacher, d.beta, d.pointwise_cap, tau)
+            loss, values = clip.values, clip.unclipped
+            clip_metrics = _clip_metrics(clip, mask, student_logits.size(-1))
+        else:
+            values = per_token_divergence(student_logits, teacher, d.beta, tau)
+            loss = d.clip_per_token(values)
     elif d.kind == "topk":
         if remote:
             topk_ids, topk_logprobs = teacher.topk_ids, teacher.topk_logprobs
         else:
             topk_logprobs, topk_ids = torch.log_softmax(teacher / tau, -1).topk(d.top_k, -1)
-        values = sparse_topk_divergence(student_logits, topk_ids, topk_logprobs, d.beta, tau)
-        loss = clip_per_token(values, d.clip, d.clip_mode)
+        if d.pointwise_cap is not None:
+            clip = sparse_topk_pointwise_clipped(student_logits, topk_ids, topk_logprobs, d.beta, d.pointwise_cap, tau)
+            loss, values = clip.values, clip.unclipped
+            clip_metrics = _clip_metrics(clip, mask, topk_ids.size(-1) + 1)
+        else:
+            values = sparse_topk_divergence(student_logits, topk_ids, topk_logprobs, d.beta, tau)
+            loss = d.clip_per_token(values)
     else:
         student_logprobs = token_log_probs(student_logits, completions, tau)
         teacher_logprobs = teacher.sampled_logprobs if remote else token_log_probs(teacher, completions, tau)
         sampled = sampled_token_reverse_kl(student_logprobs, teacher_logprobs, ratio_cap=d.ratio_cap)
         loss, values = sampled.surrogate, sampled.kl_estimate
     teacher_entropy = None if remote else dense_entropy(teacher, mask, tau)
-    return TokenTerms(loss, values, dense_entropy(student_logits, mask, tau), teacher_entropy)
+    return TokenTerms(loss, values, dense_entropy(student_logits, mask, tau), teacher_entropy, clip_metrics)
 
 
 def _chunked_terms(
@@ -192,20 +243,28 @@ def _chunked_terms(
     if d.kind == "full":
         out = chunked_per_token_divergence(
             student.hidden, student.weight, teacher.hidden, teacher.weight, d.beta, tau,
-            teacher_bias=teacher.bias, **student_side,
+            teacher_bias=teacher.bias, pointwise_cap=d.pointwise_cap, **student_side,
         )
-        return TokenTerms(clip_per_token(out.values, d.clip, d.clip_mode), out.values, out.student_entropy,
-                          out.teacher_entropy)
+        return _chunked_divergence_terms(d, out, out.teacher_entropy, mask, student.weight.size(0))
     scores, teacher_entropy = _teacher_scores(d, teacher, completions, mask, chunk_size)
     if d.kind == "topk":
         out = chunked_sparse_topk_divergence(
-            student.hidden, student.weight, scores.topk_ids, scores.topk_logprobs, d.beta, tau, **student_side
+            student.hidden, student.weight, scores.topk_ids, scores.topk_logprobs, d.beta, tau,
+            pointwise_cap=d.pointwise_cap, **student_side,
         )
-        return TokenTerms(clip_per_token(out.values, d.clip, d.clip_mode), out.values, out.student_entropy,
-                          teacher_entropy)
+        return _chunked_divergence_terms(d, out, teacher_entropy, mask, scores.topk_ids.size(-1) + 1)
     out = chunked_token_log_probs(student.hidden, student.weight, completions, tau, **student_side)
     sampled = sampled_token_reverse_kl(out.values, scores.sampled_logprobs, ratio_cap=d.ratio_cap)
     return TokenTerms(sampled.surrogate, sampled.kl_estimate, out.student_entropy, teacher_entropy)
+
+
+def _chunked_divergence_terms(d: Divergence, out, teacher_entropy, mask: Tensor, entries: int) -> TokenTerms:
+    """A chunked divergence's terms: with a pointwise cap the chunks returned the clipped values (and the unclipped
+    divergence to log); otherwise the per-token clip acts here."""
+    if out.clip is not None:
+        return TokenTerms(out.values, out.clip.unclipped, out.student_entropy, teacher_entropy,
+                          _clip_metrics(out.clip, mask, entries))
+    return TokenTerms(d.clip_per_token(out.values), out.values, out.student_entropy, teacher_entropy)
 
 
 def _teacher_scores(d: Divergence, teacher, completions: Tensor, mask: Tensor, chunk_size: int | None):

@@ -41,6 +41,7 @@ from trl.import_utils import is_vllm_available
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import disable_dropout_in_model, pad
 
+from trl_opsd.collapse import CollapseGuard
 from trl_opsd.collator import OPSDCollator, gkd_sequences, validate_dataset, views_from_gkd_batch
 from trl_opsd.config import OPSDConfig
 from trl_opsd.forward import (
@@ -63,6 +64,7 @@ from trl_opsd.rollouts import (
 from trl_opsd.teacher_setup import build_teacher
 from trl_opsd.vllm_rollouts import vllm_generation
 from trl_opsd.teachers.base import TopKScores
+from trl_opsd.teachers.routing import TeacherRouter, check_dataset_routes
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +192,7 @@ class OPSDTrainer(GKDTrainer):
         self.teacher, self.teacher_model = self._build_teacher(teacher_model, teacher_processing_class)
         if args.rollout_backend == "hf_static":
             self._check_static_rollouts()
+        check_dataset_routes(self.teacher, train_dataset, "train_dataset")
         self._dense_loss_reason = self._why_dense_loss()
         if args.chunked_loss and self._dense_loss_reason is not None:
             logger.info("chunked_loss: using the dense loss, because %s", self._dense_loss_reason)
@@ -198,6 +201,8 @@ class OPSDTrainer(GKDTrainer):
             if args.rollout_backend == "vllm" else None
         )
         self._vllm_synced_step = -1
+        if args.collapse_guard != "off":
+            self.add_callback(CollapseGuard(args.collapse_guard, max_completion_length=args.max_new_tokens))
 
     # -- construction ---------------------------------------------------------------------------
     def _build_teacher(self, teacher_model, teacher_processing_class):
@@ -436,6 +441,7 @@ class OPSDTrainer(GKDTrainer):
             unpadded_rows(inputs["teacher_prompts"], inputs["teacher_prompt_attention_mask"]),
             unpadded_rows(inputs["completions"], inputs["completion_mask"]),
             self.divergence.top_k,  # 0: the sampled tokens' log-probs only
+            **({"routes": inputs.get("teacher_routes")} if isinstance(self.teacher, TeacherRouter) else {}),
         )
         return scores.to(inputs["completions"].device).pad_to(inputs["completions"].shape[1])
 
@@ -506,8 +512,12 @@ class OPSDTrainer(GKDTrainer):
         mode = "train" if self.model.training else "eval"
         metrics = self._metrics[mode]
         if terms.divergence is not None:
-            for name, value in divergence_statistics(terms.divergence, mask, self.args.kl_clip).items():
+            # The pointwise clip logs its own clipped_fraction (of vocabulary entries), in terms.clip_metrics.
+            per_token_cap = None if self.divergence.clip_mode == "pointwise" else self.divergence.clip
+            for name, value in divergence_statistics(terms.divergence, mask, per_token_cap).items():
                 metrics[name].append(value)
+        for name, value in (terms.clip_metrics or {}).items():
+            metrics[name].append(value)
         if mask.any():
             metrics["student_entropy"].append(terms.student_entropy[mask].mean().item())
             if terms.teacher_entropy is not None:

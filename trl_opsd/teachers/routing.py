@@ -25,6 +25,7 @@ distribution on the union of the teachers' top-k sets:
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +48,7 @@ class TeacherRouter(Teacher):
         self.teachers = dict(teachers)
         self.default = default
         self.capabilities = frozenset.intersection(*(frozenset(t.capabilities) for t in teachers.values()))
+        self.rows_scored: Counter[str] = Counter()  # rows each teacher has scored (metrics "<name>/rows_scored")
 
     def __repr__(self) -> str:
         return f"TeacherRouter(teachers={sorted(self.teachers)}, default={self.default!r})"
@@ -79,6 +81,7 @@ class TeacherRouter(Teacher):
             name: self.teachers[name].score_topk([prompt_ids[i] for i in rows], [completion_ids[i] for i in rows], k)
             for name, rows in groups.items()
         }
+        self.rows_scored.update({name: len(rows) for name, rows in groups.items()})
         t_max = max((p.mask.shape[1] for p in parts.values()), default=0)
         b = len(prompt_ids)
         merged = TopKScores(
@@ -112,11 +115,33 @@ class TeacherRouter(Teacher):
         return out  # type: ignore[return-value]
 
     def metrics(self) -> dict[str, float]:
-        return {f"{name}/{key}": value for name, t in self.teachers.items() for key, value in t.metrics().items()}
+        counts = {f"{name}/rows_scored": float(self.rows_scored[name]) for name in self.teachers}
+        own = {f"{name}/{key}": value for name, t in self.teachers.items() for key, value in t.metrics().items()}
+        return counts | own
 
     def close(self) -> None:
         for teacher in self.teachers.values():
             teacher.close()
+
+
+def check_dataset_routes(teacher: Teacher | None, dataset, name: str) -> None:
+    """Refuse, before training, a dataset row whose ``teacher`` field the trainer's teacher cannot honour: a route
+    that names no teacher of a :class:`TeacherRouter`, or any route when there is a single teacher (or none)."""
+    if not hasattr(dataset, "__len__") or "teacher" not in (getattr(dataset, "column_names", None) or ()):
+        return  # no dataset, a streaming one (its rows are checked when scored), or no routes
+    routes = list(dataset["teacher"])
+    if isinstance(teacher, TeacherRouter):
+        try:
+            teacher.route(routes, len(routes))
+        except ValueError as error:
+            raise ValueError(f"{name}: {error} (the row's 'teacher' field)") from None
+        return
+    for row, route in enumerate(routes):
+        if route is not None:
+            raise ValueError(
+                f"{name}: row {row}: teacher {route!r} routes the row to a named teacher, but the trainer's teacher "
+                f"is {teacher!r}; pass a TeacherRouter naming every teacher, or drop the 'teacher' column"
+            )
 
 
 @dataclass
@@ -126,17 +151,36 @@ class WeightedScores:
     scores: TopKScores
 
 
-class TeacherBlend:
-    """Every row scored by every teacher; combine per-teacher losses with :meth:`loss` (see module doc)."""
+class BlendedScores(list):
+    """Every teacher's scores of the same rows with its weight: a list of :class:`WeightedScores`, moved and padded
+    together. :func:`trl_opsd.objective.token_terms` turns it into ``sum_i w_i * terms(scores_i)``."""
 
-    def __init__(self, teachers: Mapping[str, Teacher], weights: Mapping[str, float]) -> None:
+    def to(self, device) -> BlendedScores:
+        return BlendedScores(WeightedScores(p.name, p.weight, p.scores.to(device)) for p in self)
+
+    def pad_to(self, length: int) -> BlendedScores:
+        return BlendedScores(WeightedScores(p.name, p.weight, p.scores.pad_to(length)) for p in self)
+
+
+class TeacherBlend(Teacher):
+    """Every row scored by every teacher; the loss is ``sum_i w_i * loss(scores_i)`` (see the module doc).
+
+    A :class:`Teacher` for the top-k and sampled-token losses: :meth:`score_topk` returns :class:`BlendedScores`,
+    which the trainer's objective weighs term by term.
+    """
+
+    def __init__(self, teachers: Mapping[str, Teacher], weights: Mapping[str, float], *, name: str = "blend") -> None:
         if set(teachers) != set(weights):
             raise ValueError(f"weights {sorted(weights)} must name exactly the teachers {sorted(teachers)}")
         if any(w <= 0 for w in weights.values()):
             raise ValueError(f"blend weights must be positive, got {dict(weights)}")
+        caps = [t.max_top_k for t in teachers.values() if t.max_top_k is not None]
+        super().__init__(name, max_top_k=min(caps) if caps else None)
         total = sum(weights.values())
         self.teachers = dict(teachers)
         self.weights = {name: w / total for name, w in weights.items()}
+        shared = frozenset.intersection(*(frozenset(t.capabilities) for t in self.teachers.values()))
+        self.capabilities = shared & {"topk", "sampled"}
 
     def __repr__(self) -> str:
         return f"TeacherBlend(weights={self.weights})"
@@ -149,11 +193,11 @@ class TeacherBlend:
 
     def score_topk(
         self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], k: int
-    ) -> list[WeightedScores]:
-        return [
+    ) -> BlendedScores:
+        return BlendedScores(
             WeightedScores(name, self.weights[name], teacher.score_topk(prompt_ids, completion_ids, k))
             for name, teacher in self.teachers.items()
-        ]
+        )
 
     @staticmethod
     def loss(loss_fn: Callable[[TopKScores], torch.Tensor], blended: Sequence[WeightedScores]) -> torch.Tensor:
@@ -163,3 +207,7 @@ class TeacherBlend:
 
     def metrics(self) -> dict[str, float]:
         return {f"{name}/{key}": value for name, t in self.teachers.items() for key, value in t.metrics().items()}
+
+    def close(self) -> None:
+        for teacher in self.teachers.values():
+            teacher.close()
