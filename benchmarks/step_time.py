@@ -14,7 +14,9 @@ number of tokens. Arms:
 - ``gkd``: ``trl.experimental.gkd.GKDTrainer`` (which turns the KV cache off under gradient checkpointing and
   projects every position of prompt and completion to the vocabulary, for student and teacher);
 - ``ours``: ``OPSDTrainer`` with its defaults (KV cache on while sampling, chunked loss from hidden states);
-- ``ours_dense``: ``OPSDTrainer`` with ``chunked_loss=False`` (logits of the completion positions only).
+- ``ours_dense``: ``OPSDTrainer`` with ``chunked_loss=False`` (logits of the completion positions only);
+- ``ours_static``: ``OPSDTrainer`` with ``rollout_backend="hf_static"``, ``rollout_compile=True`` (static KV cache,
+  compiled decode step, compiled during the warm-up step; ``benchmarks/rollout_speed.py`` times rollouts alone).
 
 A step's time is the wall time between consecutive ``on_step_end`` events, so it covers the rollout (drawn before
 ``on_step_begin``), forward, backward and optimizer update; the rollout's own time is reported too. Each run is a
@@ -40,7 +42,8 @@ import time
 from machine import cpu_name
 from process_memory import MMAP_THRESHOLD_BYTES, proc_status_bytes
 
-ARMS = ("gkd", "ours", "ours_dense")
+ARMS = ("gkd", "ours", "ours_dense", "ours_static")
+DEFAULT_ARMS = ("gkd", "ours", "ours_dense")
 # Architectures of public checkpoints (their config.json), built with random weights: same shapes, same cost.
 QWEN2_5 = dict(vocab_size=151_936, max_position_embeddings=32_768, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
                tie_word_embeddings=True)
@@ -97,7 +100,9 @@ def _trainer(arm: str, args: argparse.Namespace):
     )
     trainer_class, config = (
         (GKDTrainer, GKDConfig(**common)) if arm == "gkd"
-        else (OPSDTrainer, OPSDConfig(**common, privileged_from=None, chunked_loss=arm == "ours"))
+        else (OPSDTrainer, OPSDConfig(**common, privileged_from=None, chunked_loss=arm != "ours_dense",
+                                      **(dict(rollout_backend="hf_static", rollout_compile=True)
+                                         if arm == "ours_static" else {})))
     )
     trainer = trainer_class(
         model=_model(tokenizer, args, args.seed), teacher_model=_model(tokenizer, args, args.seed + 1), args=config,
@@ -222,7 +227,7 @@ def main() -> None:
                         help="architecture (random weights); --hidden/--layers/--vocab apply to llama-tiny only")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(DEFAULT_ARMS))
     parser.add_argument("--worker", choices=ARMS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -245,8 +250,8 @@ def main() -> None:
     print(f"B = {args.batch} prompts, {args.new_tokens} generated tokens each, {model}, "
           f"{'bf16' if args.device == 'cuda' else 'fp32'}; {args.repeats} runs per arm x {args.steps} timed steps.\n")
     print("| arm | seconds per step, median (min–max over runs) | ratio to GKD | of which rollout, median | "
-          "completion tokens/s | peak MiB above the models, median | prompt tokens per row, mean |")
-    print("|---|---|---|---|---|---|---|")
+          "completion tokens/s | rollout tokens/s | peak MiB above the models, median | prompt tokens per row, mean |")
+    print("|---|---|---|---|---|---|---|---|")
     medians = {arm: statistics.median(r["seconds"] for r in arm_runs) for arm, arm_runs in runs.items()}
     for arm, arm_runs in runs.items():
         ratio = f"{medians[arm] / medians['gkd']:.2f}" if "gkd" in medians else "n/a"
@@ -254,8 +259,9 @@ def main() -> None:
         rollout = statistics.median(r["rollout"] for r in arm_runs)
         prompt = statistics.mean(r["prompt_tokens"] for r in arm_runs)
         tokens_per_s = args.batch * args.new_tokens / medians[arm]
+        rollout_tokens_per_s = args.batch * args.new_tokens / rollout
         print(f"| {arm} | {_spread([r['seconds'] for r in arm_runs])} | {ratio} | {rollout:.2f} | "
-              f"{tokens_per_s:,.0f} | {peak:,.0f} | {prompt:.1f} |")
+              f"{tokens_per_s:,.0f} | {rollout_tokens_per_s:,.0f} | {peak:,.0f} | {prompt:.1f} |")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ DIVERGENCES = ("full", "topk", "sampled")
 TRUNCATION_POLICIES = ("error", "truncate_left")
 NONFINITE_POLICIES = ("raise", "skip")
 VLLM_MODES = ("colocate", "server")
+ROLLOUT_BACKENDS = ("hf", "hf_static", "vllm")
 VLLM_MODEL_IMPLS = ("vllm", "transformers")
 
 
@@ -90,10 +91,21 @@ class OPSDConfig(GKDConfig):
             chunked loss; `None` sizes one fp32 `[chunk, vocab]` buffer at 32 MiB. Smaller saves memory, larger
             is faster.
 
+    Rollouts:
+        rollout_backend (`str` or `None`, defaults to `None` = `"vllm"` if `use_vllm` else `"hf"`): what samples the
+            student's on-policy completions. `"hf"`: `transformers`' `generate` with a dynamic KV cache. `"hf_static"`:
+            `generate` with a static KV cache (`cache_implementation="static"`) and a compiled decode step, prompts
+            padded to width buckets and the batch to `per_device_train_batch_size` so the compiled graph is reused
+            (`trl_opsd.rollouts`); teacher rollouts (`seq_kd`) use it too. `"vllm"`: TRL's `VLLMGeneration` (below).
+            TRL's trainers expose `use_vllm` plus a pass-through `cache_implementation` with compilation disabled;
+            static cache and compilation only pay off together, hence one knob.
+        rollout_compile (`bool` or `None`, defaults to `None`): `"hf_static"` only. `None`: compile the decode step
+            where `transformers` does by itself (CUDA, XPU, TPU, Neuron; not CPU). `True`: on any device, CPU
+            included (a one-time compilation per shape). `False`: static cache without compiling.
+
     Student rollouts with vLLM (TRL's `VLLMGeneration`, the knobs of TRL's `DistillationConfig`):
-        use_vllm (`bool`, defaults to `False`): sample on-policy completions with vLLM instead of
-            `transformers`' `generate` (needs `pip install 'trl[vllm]'`). Teacher rollouts (`seq_kd`) stay in
-            `transformers`.
+        use_vllm (`bool`, defaults to `False`): TRL's name for `rollout_backend="vllm"`; either sets the other.
+            Needs `pip install 'trl[vllm]'`. Teacher rollouts (`seq_kd`) stay in `transformers`.
         vllm_mode (`str`, defaults to `"colocate"`): `"colocate"`: a vLLM engine in the training process, sharing
             its GPUs; `"server"`: a separate `trl vllm-serve` process that receives the weights every step.
         vllm_model_impl (`str`, defaults to `"vllm"`): `"vllm"` or `"transformers"` model implementation.
@@ -141,7 +153,14 @@ class OPSDConfig(GKDConfig):
         default=None, metadata={"help": "Positions per chunk of the chunked loss (None: a 32 MiB fp32 buffer)."}
     )
 
-    use_vllm: bool = field(default=False, metadata={"help": "Sample student rollouts with vLLM (TRL's backend)."})
+    rollout_backend: str | None = field(
+        default=None, metadata={"help": f"One of {ROLLOUT_BACKENDS} (None: 'vllm' if use_vllm else 'hf')."}
+    )
+    rollout_compile: bool | None = field(
+        default=None,
+        metadata={"help": "hf_static: compile the decode step (None: where transformers does, i.e. not on CPU)."},
+    )
+    use_vllm: bool = field(default=False, metadata={"help": "Alias of rollout_backend='vllm' (TRL's name)."})
     vllm_mode: str = field(default="colocate", metadata={"help": f"One of {VLLM_MODES}."})
     vllm_model_impl: str = field(default="vllm", metadata={"help": "vLLM model implementation: vllm or transformers."})
     vllm_enable_sleep_mode: bool = field(default=False, metadata={"help": "Colocate: offload vLLM during updates."})
@@ -168,6 +187,7 @@ class OPSDConfig(GKDConfig):
         _check_choice("privileged_truncation", self.privileged_truncation, TRUNCATION_POLICIES)
         _check_choice("nonfinite_loss", self.nonfinite_loss, NONFINITE_POLICIES)
         _check_choice("vllm_mode", self.vllm_mode, VLLM_MODES)
+        self._resolve_rollout_backend()
         _check_choice("vllm_model_impl", self.vllm_model_impl, VLLM_MODEL_IMPLS)
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
@@ -205,6 +225,23 @@ class OPSDConfig(GKDConfig):
             )
         if self.max_teacher_prompt_length is None:
             self.max_teacher_prompt_length = self.max_prompt_length
+
+    def _resolve_rollout_backend(self) -> None:
+        """The one place ``use_vllm`` (TRL's name) and ``rollout_backend`` are reconciled; both agree afterwards."""
+        if self.rollout_backend is None:
+            self.rollout_backend = "vllm" if self.use_vllm else "hf"
+        _check_choice("rollout_backend", self.rollout_backend, ROLLOUT_BACKENDS)
+        if self.use_vllm and self.rollout_backend != "vllm":
+            raise ValueError(
+                f"use_vllm=True asks for vLLM rollouts but rollout_backend={self.rollout_backend!r}: set one of them "
+                "(use_vllm=True is the same as rollout_backend='vllm')"
+            )
+        self.use_vllm = self.rollout_backend == "vllm"
+        if self.rollout_compile is not None and self.rollout_backend != "hf_static":
+            raise ValueError(
+                f"rollout_compile={self.rollout_compile} only applies to rollout_backend='hf_static', got "
+                f"rollout_backend={self.rollout_backend!r}: drop rollout_compile or set rollout_backend='hf_static'"
+            )
 
     def check_trainer_inputs(self, teacher_model, vocab_size: int) -> None:
         """What the config alone cannot check: its fit with the trainer's teacher and tokenizer (before any load)."""

@@ -13,7 +13,8 @@ same meanings. What changes (and why):
   the dataset's label count), and one on-policy coin per step is drawn from a seed shared by all ranks
   (GKD draws ``random.random()`` per rank and micro-batch).
 - Generation keeps the KV cache on (GKD turns it off whenever gradient checkpointing is on, ~20x slower;
-  TRL's generation context already disables checkpointing while generating), or runs in vLLM (``use_vllm``).
+  TRL's generation context already disables checkpointing while generating); ``rollout_backend`` picks
+  ``generate`` with a dynamic cache, with a static cache and a compiled decode step (``trl_opsd.rollouts``), or vLLM.
 - The loss is computed from final hidden states and the LM head a chunk of positions at a time where the models
   allow it (``chunked_loss``), so ``[batch, completion, vocab]`` logits are never held.
 
@@ -33,7 +34,7 @@ from collections.abc import Callable
 import torch
 from datasets import Dataset, IterableDataset
 from torch import nn
-from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from trl import SFTTrainer
 from trl.experimental.gkd import GKDConfig, GKDTrainer
 from trl.import_utils import is_vllm_available
@@ -53,6 +54,13 @@ from trl_opsd.forward import (
 )
 from trl_opsd.metrics import divergence_statistics
 from trl_opsd.objective import Divergence, TokenTerms, token_terms, window_token_mean
+from trl_opsd.rollouts import (
+    bucket_width,
+    drop_stale_input_grad_hooks,
+    fixed_shape_prompts,
+    generation_config_for,
+    require_static_cache,
+)
 from trl_opsd.teacher_setup import build_teacher
 from trl_opsd.vllm_rollouts import vllm_generation
 from trl_opsd.teachers.base import TopKScores
@@ -117,10 +125,11 @@ class OPSDTrainer(GKDTrainer):
         teacher_processing_class: PreTrainedTokenizerBase | None = None,
     ):
         args = as_config(args, self.config_class, model, self._name)
-        if args.use_vllm and not is_vllm_available():
+        if args.rollout_backend == "vllm" and not is_vllm_available():
             raise ImportError(
-                "use_vllm=True (OPSDConfig.use_vllm) samples student rollouts with vLLM, which is not installed: "
-                "pip install 'trl[vllm]', or set use_vllm=False to sample with transformers' generate"
+                "use_vllm=True / rollout_backend='vllm' (OPSDConfig) samples student rollouts with vLLM, which is not "
+                "installed: pip install 'trl[vllm]', or set rollout_backend='hf' (or 'hf_static') to sample with "
+                "transformers' generate"
             )
         # Raw rows (messages, answer, teacher_messages, ...) must reach the collator untouched.
         args.remove_unused_columns = False
@@ -177,15 +186,19 @@ class OPSDTrainer(GKDTrainer):
             "pad_token_id": processing_class.pad_token_id,
             "eos_token_id": self.model.generation_config.eos_token_id or processing_class.eos_token_id,
         }
-        self.generation_config = GenerationConfig(**self.generation_kwargs)
+        self.generation_config = generation_config_for(args.rollout_backend, self.generation_kwargs,
+                                                       args.rollout_compile)
         self.divergence = Divergence.from_config(args)
         self.teacher, self.teacher_model = self._build_teacher(teacher_model, teacher_processing_class)
+        if args.rollout_backend == "hf_static":
+            self._check_static_rollouts()
         check_dataset_routes(self.teacher, train_dataset, "train_dataset")
         self._dense_loss_reason = self._why_dense_loss()
         if args.chunked_loss and self._dense_loss_reason is not None:
             logger.info("chunked_loss: using the dense loss, because %s", self._dense_loss_reason)
         self.vllm_generation = (
-            vllm_generation(args, self.model, self.accelerator, self.processing_class) if args.use_vllm else None
+            vllm_generation(args, self.model, self.accelerator, self.processing_class)
+            if args.rollout_backend == "vllm" else None
         )
         self._vllm_synced_step = -1
         if args.collapse_guard != "off":
@@ -203,6 +216,19 @@ class OPSDTrainer(GKDTrainer):
         for callback in setup.callbacks:
             self.add_callback(callback)
         return setup.teacher, setup.module
+
+    def _check_static_rollouts(self) -> None:
+        """Refuse ``rollout_backend='hf_static'`` where it cannot run: a model without static-cache support, or
+        parameters gathered per call (FSDP, DeepSpeed ZeRO-3), which a compiled decode step cannot hold."""
+        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        if self.is_fsdp_enabled or zero3:
+            raise ValueError(
+                "rollout_backend='hf_static' does not run under FSDP or DeepSpeed ZeRO-3 (the parameters are gathered "
+                "for each generate call): set rollout_backend='hf' or 'vllm', or train with DDP / ZeRO-1/2"
+            )
+        require_static_cache(self.accelerator.unwrap_model(self.model), "student")
+        if self.seq_kd and self._local_teacher and self.teacher.own_model() is not None:
+            require_static_cache(self.teacher.own_model(), "teacher (seq_kd samples from it)")
 
     def _why_dense_loss(self) -> str | None:
         """Why the chunked loss cannot run with this model and teacher (None: it can)."""
@@ -238,13 +264,24 @@ class OPSDTrainer(GKDTrainer):
         return "teacher" if self.seq_kd else "dataset"
 
     @torch.no_grad()
-    def _sample(self, generator: nn.Module, prompts: torch.Tensor, prompt_mask: torch.Tensor):
-        """Sample completions; mask everything after the first EOS (GKD's own masking logic)."""
+    def _sample(self, generator: nn.Module, prompts: torch.Tensor, prompt_mask: torch.Tensor, prompt_limit=None):
+        """Sample completions; mask everything after the first EOS (GKD's own masking logic).
+
+        With ``rollout_backend='hf_static'`` the prompts are first brought to fixed shapes (``trl_opsd.rollouts``;
+        ``prompt_limit`` caps the width bucket), so the compiled decode step is reused from call to call.
+        """
+        rows = prompts.shape[0]
+        if self.args.rollout_backend == "hf_static":
+            prompts, prompt_mask = fixed_shape_prompts(
+                prompts, prompt_mask, self.processing_class.pad_token_id,
+                width=bucket_width(prompts.shape[1], prompt_limit),
+                rows=max(rows, self.args.per_device_train_batch_size),
+            )
         sequences, attention_mask, _ = self.generate_on_policy_outputs(
             generator, {"prompts": prompts, "prompt_attention_mask": prompt_mask}, self.generation_config
         )
         width = prompts.shape[1]
-        return sequences[:, width:], attention_mask[:, width:]
+        return sequences[:rows, width:], attention_mask[:rows, width:]
 
     def _vllm_completions(self, batches: list[dict]) -> None:
         """Student rollouts for ``batches`` from one vLLM call, laid out like ``_sample``'s in each batch.
@@ -279,7 +316,7 @@ class OPSDTrainer(GKDTrainer):
         device = self.accelerator.device
         batches = [{key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
                    for batch in map(self._opsd_batch, batches)]
-        if source == "student" and self.vllm_generation is not None:
+        if source == "student" and self.args.rollout_backend == "vllm":
             self._vllm_completions(batches)
         else:
             for batch in batches:
@@ -311,13 +348,16 @@ class OPSDTrainer(GKDTrainer):
                 gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
             ) as unwrapped:
                 batch["completions"], batch["completion_mask"] = self._sample(
-                    unwrapped, batch["prompts"], batch["prompt_attention_mask"]
+                    unwrapped, batch["prompts"], batch["prompt_attention_mask"], self.args.max_prompt_length
                 )
+            # Leaving the context turned gradient checkpointing back on, leaking one hook (see the function).
+            drop_stale_input_grad_hooks(self.accelerator.unwrap_model(self.model))
         elif source == "teacher":
             student = self.accelerator.unwrap_model(self.model)
             with self.teacher.generation_model(student) as teacher_generator:
                 batch["completions"], batch["completion_mask"] = self._sample(
-                    teacher_generator, batch["teacher_prompts"], batch["teacher_prompt_attention_mask"]
+                    teacher_generator, batch["teacher_prompts"], batch["teacher_prompt_attention_mask"],
+                    self.args.max_teacher_prompt_length,
                 )
         elif "completions" not in batch:
             raise ValueError(
