@@ -268,3 +268,34 @@ def check_finite_floats(config) -> None:
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def as_config(args: GKDConfig | None, config_class: type, model, name: str):
+    """``args`` as a ``config_class``: a plain ``GKDConfig`` (or a parent config) keeps all its values and gets the
+    class's defaults for the rest (given to ``OPSDTrainer``, the same object: see :func:`adopt_gkd_config`); ``None``
+    gets the defaults, with ``output_dir`` ``<model name>-<name>`` (``model``: the trainer's, a path or a module)."""
+    if args is None:
+        model_name = model if isinstance(model, str) else name.lower()
+        return config_class(output_dir=f"{model_name.split('/')[-1]}-{name}")
+    if isinstance(args, config_class):
+        return args
+    if config_class is OPSDConfig:
+        return adopt_gkd_config(args)
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
+    return config_class(**values)
+
+
+def adopt_gkd_config(args: GKDConfig) -> OPSDConfig:
+    """``args`` itself, made an ``OPSDConfig``: all its values kept, OPSD's own knobs at their defaults, validated.
+
+    GKD's trainer reads the user's own config (``trainer.args is args``: later edits count); so does ours.
+    """
+    for knob in dataclasses.fields(OPSDConfig):
+        if not hasattr(args, knob.name):
+            default = knob.default_factory() if knob.default is dataclasses.MISSING else knob.default
+            setattr(args, knob.name, default)
+    args.__class__ = OPSDConfig
+    if args.max_teacher_prompt_length is None:
+        args.max_teacher_prompt_length = args.max_prompt_length
+    args.check_opsd_fields()
+    return args

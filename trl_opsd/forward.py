@@ -93,3 +93,16 @@ def completion_head_inputs(
 def unpadded_rows(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
     """Each row's token ids without its padding, as lists (what remote teachers and vLLM take)."""
     return [row[keep.bool()].tolist() for row, keep in zip(ids, mask)]
+
+
+def completion_positions(sequence_logits: torch.Tensor, inputs) -> torch.Tensor:
+    """The [B, T, V] logits predicting each completion token, from logits over GKD's layout of ``inputs``.
+
+    GKD's layout ends every row at the last column: completion token t of a row with n completion tokens sits at
+    column width - n + t and is predicted by the column before it (positions past n are masked in the loss).
+    """
+    width = sequence_logits.shape[1]
+    lengths = inputs["completion_mask"].sum(1, keepdim=True)
+    positions = torch.arange(inputs["completions"].shape[1], device=lengths.device)
+    columns = (width - lengths + positions - 1).clamp(max=width - 1)
+    return sequence_logits.gather(1, columns[..., None].expand(-1, -1, sequence_logits.shape[-1]))

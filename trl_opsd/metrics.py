@@ -54,3 +54,26 @@ def pointwise_clip_statistics(
         "clipped_mass": clipped_mass.mean().item(),
         "clipped_mass_share": (clipped_mass.sum() / unclipped_total).item() if unclipped_total > 0 else 0.0,
     }
+
+
+@torch.no_grad()
+def token_metrics(inputs: dict, terms, mask: torch.Tensor, per_token_cap: float | None,
+                  teacher_metrics: dict[str, float]) -> dict[str, float]:
+    """A micro-batch's logged statistics: the divergence's (``terms``: ``trl_opsd.objective.TokenTerms``) and the
+    entropies' at the unmasked positions, completion lengths, where completions came from, prompt truncations, the
+    share of rows with privileged context, and the teacher's own counters (``teacher_<name>``)."""
+    metrics = {}
+    if terms.divergence is not None:
+        metrics.update(divergence_statistics(terms.divergence, mask, per_token_cap))
+    metrics.update(terms.clip_metrics or {})
+    if mask.any():
+        metrics["student_entropy"] = terms.student_entropy[mask].mean().item()
+        if terms.teacher_entropy is not None:
+            metrics["teacher_entropy"] = terms.teacher_entropy[mask].mean().item()
+    metrics["completion_length"] = mask.sum(1).float().mean().item()
+    metrics["on_policy_fraction"] = float(inputs.get("completion_source") == "student")
+    metrics["truncated_prompts"] = float(inputs["num_truncated_prompts"].sum())
+    metrics["truncated_teacher_prompts"] = float(inputs["num_truncated_teacher_prompts"].sum())
+    metrics.update({f"teacher_{name}": float(value) for name, value in teacher_metrics.items()})
+    metrics["privileged_rows_fraction"] = float(inputs["num_privileged_rows"].sum()) / max(1, inputs["prompts"].shape[0])
+    return metrics

@@ -26,7 +26,6 @@ The teacher is built and checked in ``trl_opsd.teacher_setup``.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import random
 from collections.abc import Callable
@@ -39,20 +38,21 @@ from trl import SFTTrainer
 from trl.experimental.gkd import GKDConfig, GKDTrainer
 from trl.import_utils import is_vllm_available
 from trl.models.utils import unwrap_model_for_generation
-from trl.trainer.utils import disable_dropout_in_model, pad
+from trl.trainer.utils import disable_dropout_in_model
 
 from trl_opsd.collapse import CollapseGuard
 from trl_opsd.collator import OPSDCollator, gkd_sequences, validate_dataset, views_from_gkd_batch
-from trl_opsd.config import OPSDConfig
+from trl_opsd.config import OPSDConfig, as_config
 from trl_opsd.forward import (
     HeadInputs,
     completion_head_inputs,
     completion_logits,
+    completion_positions,
     plain_output_head,
     position_ids_from_mask,
     unpadded_rows,
 )
-from trl_opsd.metrics import divergence_statistics
+from trl_opsd.metrics import token_metrics
 from trl_opsd.objective import Divergence, TokenTerms, token_terms, window_token_mean
 from trl_opsd.rollouts import (
     bucket_width,
@@ -62,42 +62,11 @@ from trl_opsd.rollouts import (
     require_static_cache,
 )
 from trl_opsd.teacher_setup import build_teacher
-from trl_opsd.vllm_rollouts import vllm_generation
+from trl_opsd.vllm_rollouts import attach_vllm_completions, vllm_generation
 from trl_opsd.teachers.base import TopKScores
 from trl_opsd.teachers.routing import TeacherRouter, check_dataset_routes
 
 logger = logging.getLogger(__name__)
-
-
-def as_config(args: GKDConfig | None, config_class: type, model: nn.Module | str | None, name: str):
-    """``args`` as a ``config_class``: a plain ``GKDConfig`` (or a parent config) keeps all its values and gets the
-    class's defaults for the rest (given to ``OPSDTrainer``, the same object: see :func:`adopt_gkd_config`); ``None``
-    gets the defaults, with ``output_dir`` ``<model name>-<name>``."""
-    if args is None:
-        model_name = model if isinstance(model, str) else name.lower()
-        return config_class(output_dir=f"{model_name.split('/')[-1]}-{name}")
-    if isinstance(args, config_class):
-        return args
-    if config_class is OPSDConfig:
-        return adopt_gkd_config(args)
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
-    return config_class(**values)
-
-
-def adopt_gkd_config(args: GKDConfig) -> OPSDConfig:
-    """``args`` itself, made an ``OPSDConfig``: all its values kept, OPSD's own knobs at their defaults, validated.
-
-    GKD's trainer reads the user's own config (``trainer.args is args``: later edits count); so does ours.
-    """
-    for field in dataclasses.fields(OPSDConfig):
-        if not hasattr(args, field.name):
-            default = field.default_factory() if field.default is dataclasses.MISSING else field.default
-            setattr(args, field.name, default)
-    args.__class__ = OPSDConfig
-    if args.max_teacher_prompt_length is None:
-        args.max_teacher_prompt_length = args.max_prompt_length
-    args.check_opsd_fields()
-    return args
 
 
 class OPSDTrainer(GKDTrainer):
@@ -284,26 +253,11 @@ class OPSDTrainer(GKDTrainer):
         return sequences[:rows, width:], attention_mask[:rows, width:]
 
     def _vllm_completions(self, batches: list[dict]) -> None:
-        """Student rollouts for ``batches`` from one vLLM call, laid out like ``_sample``'s in each batch.
-
-        One call for a whole accumulation window, as TRL's trainers do, so vLLM batches every prompt of the
-        optimizer step together; the student's weights are pushed to vLLM once per optimizer step.
-        """
+        """Student rollouts for the whole window from one vLLM call; the weights are pushed once per optimizer step."""
         if self._vllm_synced_step != self.state.global_step:
             self.vllm_generation.sync_weights()
             self._vllm_synced_step = self.state.global_step
-        prompts = [row for b in batches for row in unpadded_rows(b["prompts"], b["prompt_attention_mask"])]
-        _, completion_ids, _, _ = self.vllm_generation.generate(prompts=prompts, images=None, num_generations=1)
-        start = 0
-        for batch in batches:
-            size = batch["prompts"].shape[0]
-            device = batch["prompts"].device
-            rows = [torch.tensor(ids, dtype=torch.long, device=device) for ids in completion_ids[start:start + size]]
-            start += size
-            batch["completions"] = pad(rows, padding_value=self.processing_class.pad_token_id, padding_side="right")
-            # vLLM stops at the first EOS and returns it, so every returned token counts (GKD's mask keeps the EOS).
-            batch["completion_mask"] = pad([torch.ones_like(row) for row in rows], padding_value=0,
-                                           padding_side="right")
+        attach_vllm_completions(self.vllm_generation, batches, self.processing_class.pad_token_id)
 
     def _attach_completions(self, batch: dict, source: str) -> dict:
         """One micro-batch on the device with completions from ``source`` (see :meth:`_attach_window`)."""
@@ -508,29 +462,13 @@ class OPSDTrainer(GKDTrainer):
 
     @torch.no_grad()
     def _record_token_metrics(self, inputs, terms: TokenTerms, mask):
-        """Log a micro-batch's statistics: the divergence's and the entropies' at the unmasked positions."""
-        mode = "train" if self.model.training else "eval"
-        metrics = self._metrics[mode]
-        if terms.divergence is not None:
-            # The pointwise clip logs its own clipped_fraction (of vocabulary entries), in terms.clip_metrics.
-            per_token_cap = None if self.divergence.clip_mode == "pointwise" else self.divergence.clip
-            for name, value in divergence_statistics(terms.divergence, mask, per_token_cap).items():
-                metrics[name].append(value)
-        for name, value in (terms.clip_metrics or {}).items():
+        """Log a micro-batch's statistics (see :func:`trl_opsd.metrics.token_metrics`)."""
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        # The pointwise clip logs its own clipped_fraction (of vocabulary entries), in terms.clip_metrics.
+        per_token_cap = None if self.divergence.clip_mode == "pointwise" else self.divergence.clip
+        teacher_metrics = self.teacher.metrics() if self.teacher is not None else {}
+        for name, value in token_metrics(inputs, terms, mask, per_token_cap, teacher_metrics).items():
             metrics[name].append(value)
-        if mask.any():
-            metrics["student_entropy"].append(terms.student_entropy[mask].mean().item())
-            if terms.teacher_entropy is not None:
-                metrics["teacher_entropy"].append(terms.teacher_entropy[mask].mean().item())
-        metrics["completion_length"].append(mask.sum(1).float().mean().item())
-        metrics["on_policy_fraction"].append(float(inputs.get("completion_source") == "student"))
-        metrics["truncated_prompts"].append(float(inputs["num_truncated_prompts"].sum()))
-        metrics["truncated_teacher_prompts"].append(float(inputs["num_truncated_teacher_prompts"].sum()))
-        for name, value in self.teacher.metrics().items() if self.teacher is not None else ():
-            metrics[f"teacher_{name}"].append(float(value))
-        metrics["privileged_rows_fraction"].append(
-            float(inputs["num_privileged_rows"].sum()) / max(1, inputs["prompts"].shape[0])
-        )
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """(loss, logits, labels) as GKD's evaluation step gives them to ``compute_metrics``: the student's logits
@@ -549,16 +487,3 @@ class OPSDTrainer(GKDTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         # Completions were attached in get_batch_samples; skip GKDTrainer.training_step's own sampling.
         return SFTTrainer.training_step(self, model, inputs, num_items_in_batch)
-
-
-def completion_positions(sequence_logits: torch.Tensor, inputs) -> torch.Tensor:
-    """The [B, T, V] logits predicting each completion token, from logits over GKD's layout of ``inputs``.
-
-    GKD's layout ends every row at the last column: completion token t of a row with n completion tokens sits at
-    column width - n + t and is predicted by the column before it (positions past n are masked in the loss).
-    """
-    width = sequence_logits.shape[1]
-    lengths = inputs["completion_mask"].sum(1, keepdim=True)
-    positions = torch.arange(inputs["completions"].shape[1], device=lengths.device)
-    columns = (width - lengths + positions - 1).clamp(max=width - 1)
-    return sequence_logits.gather(1, columns[..., None].expand(-1, -1, sequence_logits.shape[-1]))

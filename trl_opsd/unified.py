@@ -54,11 +54,11 @@ from dataclasses import dataclass, field
 import torch
 from trl.experimental.gkd import GKDConfig
 
-from trl_opsd.config import OPSDConfig, _check_choice, check_finite_floats
+from trl_opsd.config import OPSDConfig, _check_choice, as_config, check_finite_floats
 from trl_opsd.geometry import GeometryRecorder
 from trl_opsd.losses import hinton_kd_loss
 from trl_opsd.objective import TokenTerms, dense_entropy, sampled_log_probs, student_entropy, token_terms
-from trl_opsd.trainer import OPSDTrainer, as_config
+from trl_opsd.trainer import OPSDTrainer
 
 TEACHER_KINDS = ("external", "self", "none")
 SAMPLERS = ("student", "teacher", "dataset")

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import torch
+from trl.trainer.utils import pad
+
+from trl_opsd.forward import unpadded_rows
+
 
 def vllm_generation(args, model, accelerator, processing_class):
     """TRL's vLLM backend (the one ``DistillationTrainer`` uses) for student rollouts, from ``args``' ``vllm_*`` knobs
@@ -37,3 +42,20 @@ def vllm_generation(args, model, accelerator, processing_class):
         max_completion_length=args.max_new_tokens,
         logprobs=None,
     )
+
+
+def attach_vllm_completions(vllm_generation, batches: list[dict], pad_token_id: int) -> None:
+    """Fill each batch's ``completions`` / ``completion_mask`` (right-padded, as ``OPSDTrainer._sample`` lays them
+    out) from ONE ``vllm_generation.generate`` call over every prompt of the window, as TRL's trainers do, so vLLM
+    batches all prompts of the optimizer step together."""
+    prompts = [row for b in batches for row in unpadded_rows(b["prompts"], b["prompt_attention_mask"])]
+    _, completion_ids, _, _ = vllm_generation.generate(prompts=prompts, images=None, num_generations=1)
+    start = 0
+    for batch in batches:
+        size = batch["prompts"].shape[0]
+        device = batch["prompts"].device
+        rows = [torch.tensor(ids, dtype=torch.long, device=device) for ids in completion_ids[start:start + size]]
+        start += size
+        batch["completions"] = pad(rows, padding_value=pad_token_id, padding_side="right")
+        # vLLM stops at the first EOS and returns it, so every returned token counts (GKD's mask keeps the EOS).
+        batch["completion_mask"] = pad([torch.ones_like(row) for row in rows], padding_value=0, padding_side="right")
