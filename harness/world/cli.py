@@ -18,8 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from harness.world.console import quiet_libraries
     from harness.world.warm_start import WarmStartSettings, library_versions, shipped, warm_start
 
+    quiet_libraries()
     settings = WarmStartSettings(seed=args.seed)
     result = warm_start(settings, cache_dir=args.cache_dir, force=args.rebuild)
     print(json.dumps({key: value for key, value in asdict(result).items() if key not in ("history", "settings")},

@@ -32,10 +32,13 @@ from urllib.parse import parse_qsl
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from tqdm.auto import tqdm
+from transformers.trainer_callback import PrinterCallback
 from trl import SFTConfig, SFTTrainer
 
 from harness.generation import generate_texts, score_answers
 from harness.world.arithmetic import Problem, generate_problems, hinted_messages
+from harness.world.console import StepsToBar
 from harness.world.tiny import build_tiny_model, build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -259,6 +262,8 @@ def _train_and_evaluate(settings: WarmStartSettings, out_dir: Path) -> WarmStart
         bf16=False,
         max_length=256,
         dataloader_num_workers=0,
+        activation_checkpointing=True,  # SFTConfig's default, named as transformers 5 wants (same numerics)
+        disable_tqdm=True,  # the phase bar below counts the steps instead
     )
     trainer = SFTTrainer(
         model=model,
@@ -268,7 +273,14 @@ def _train_and_evaluate(settings: WarmStartSettings, out_dir: Path) -> WarmStart
         callbacks=[stopper],
     )
     started = time.perf_counter()
-    trainer.train()
+    description = "[world] warm start (stops at the held-out target, at most)"
+    logger.warning("building the arithmetic world %s into %s: %d steps at most, evaluated every %d from step %d "
+                   "(about 30 minutes on 2 busy cores)", settings.cache_key(), out_dir, settings.max_steps,
+                   settings.check_every, settings.check_from)
+    with tqdm(total=settings.max_steps, desc=description, unit="step") as bar:
+        trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(StepsToBar(bar))
+        trainer.train()
     train_seconds = time.perf_counter() - started
     if not stopper.reached_target:
         logger.warning(
