@@ -19,6 +19,7 @@ th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; } th {
 tr:nth-child(even) td { background: #fafafa; }
 figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { color: #555; font-size: 0.9em; }
+td:first-child { width: 40%; }
 pre { background: #f6f6f6; padding: 0.5em; white-space: pre-wrap; margin: 0; }
 .ok { color: #176317; font-weight: bold; } .bad { color: #a11; font-weight: bold; }
 """
@@ -39,7 +40,8 @@ def _table(lines: list[str]) -> str:
 
 
 def markdown_to_html(markdown: str) -> str:
-    """Headings, paragraphs and pipe tables (what our reports use); anything else is an escaped paragraph."""
+    """Headings, paragraphs, ``- `` lists and pipe tables (what our reports use); anything else is an escaped
+    paragraph."""
     out, block = [], []
 
     def flush():
@@ -47,6 +49,8 @@ def markdown_to_html(markdown: str) -> str:
             return
         if block[0].lstrip().startswith("|"):
             out.append(_table(block))
+        elif all(line.startswith("- ") for line in block):
+            out.append("<ul>" + "".join(f"<li>{_inline(line[2:])}</li>" for line in block) + "</ul>")
         else:
             out.append("<p>" + _inline(" ".join(block)) + "</p>")
         block.clear()

@@ -250,9 +250,10 @@ def _html_report(out_dir: Path, markdown_report: str, histories: dict, runs: lis
     curves_png, drawn = plot_training_curves(histories, out_dir / "training_curves.png")
     missing = [key for key in ("loss", "kl_mean", "entropy", "completion_length", "clipped_fraction") if key not in drawn]
     after = "opsd_reverse_kl"
+    # the figures right after the overall paired table, before the per-difficulty rows
+    overall, bucket_header, buckets = markdown_report.partition("\n| bucket |")
     sections = [
-        report_html.markdown_to_html(markdown_report),
-        "<h2>Figures</h2>",
+        report_html.markdown_to_html(overall),
         report_html.figure(out_dir / "forest.png", "Paired gap in held-out accuracy against the start model, with "
                            "its bootstrap CI, overall and per difficulty bucket"),
         report_html.figure(geometry_png, f"Per-token divergence of the start model's own samples on "
@@ -260,6 +261,8 @@ def _html_report(out_dir: Path, markdown_report: str, histories: dict, runs: lis
                            "with the hint); the right panel shows how concentrated each is"),
         report_html.figure(curves_png, "Training curves per arm, from the trainers' log_history"
                            + (f" (not logged by these trainers: {', '.join(missing)})" if missing else "")),
+        "<h2>Per difficulty, and the rest of the report</h2>",
+        report_html.markdown_to_html(bucket_header.lstrip("\n") + buckets),
         f"<h2>Sample completions: start vs {after}</h2>",
         report_html.samples_table(_sample_completions(runs, names, "start", after), "start", after),
     ]
