@@ -10,7 +10,7 @@ import sys
 # Modules are imported only when their command runs, so `trl-opsd --help` stays fast.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("harness.world.demo", "the whole story offline on CPU: warm start, OPSD/OPD arms, lm-eval, paired comparison"),
-    "world": ("harness.world.cli", "build and warm-start the offline arithmetic world (cached) and report it"),
+    "world": ("harness.world.cli", "the offline arithmetic world's warm-started model (shipped; --rebuild trains it)"),
     "eval": ("harness.lm_eval_runner", "lm-eval's CLI with the opsd_* tasks and the cortex model added"),
     "compare": ("harness.compare", "paired comparison of lm-eval --log_samples runs (Wilson, McNemar, bootstrap)"),
     "geometry": ("harness.world.geometry", "OPD-vs-OPSD per-token divergence geometry on the arithmetic world"),

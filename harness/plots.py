@@ -59,3 +59,35 @@ def plot_geometry(opd_stats: dict, opsd_stats: dict, path: str | Path, labels: t
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+TRAINING_CURVE_KEYS = ("loss", "kl_mean", "entropy", "completion_length", "clipped_fraction")
+
+
+def plot_training_curves(histories: dict[str, list[dict]], path: str | Path, keys: Sequence[str] = TRAINING_CURVE_KEYS):
+    """One panel per logged quantity in ``keys`` (those no run logged are left out), one line per run.
+
+    ``histories`` maps a run name to its trainer's ``state.log_history``. Returns (path, the keys drawn).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    drawn = [key for key in keys if any(key in row for rows in histories.values() for row in rows)]
+    figure, axes = plt.subplots(1, max(1, len(drawn)), figsize=(4.2 * max(1, len(drawn)), 3.4), squeeze=False)
+    for axis, key in zip(axes[0], drawn):
+        for name, rows in histories.items():
+            points = [(row["step"], row[key]) for row in rows if key in row and "step" in row]
+            if points:
+                axis.plot(*zip(*points), marker="o", markersize=3, label=name)
+        axis.set_title(key, fontsize=10)
+        axis.set_xlabel("step")
+    if drawn:
+        axes[0][0].legend(fontsize=7)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path, drawn

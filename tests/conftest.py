@@ -20,7 +20,12 @@ def tiny_tokenizer():
 
 @pytest.fixture(scope="session")
 def warm_world():
-    """The warm-started arithmetic-world model (trained once, then loaded from the on-disk cache)."""
-    from harness.world.warm_start import warm_start
+    """The warm-started arithmetic-world model shipped with the package: tests never build one (only
+    test_world's rebuild test does, into a temporary cache)."""
+    from harness.world.warm_start import SHIPPED_DIR, shipped
 
-    return warm_start()
+    world = shipped()
+    assert world is not None, (
+        f"{SHIPPED_DIR} is missing or was built with other settings than WarmStartSettings(): rebuild it with "
+        "`trl-opsd world --rebuild` and copy the checkpoint folder there")
+    return world

@@ -1,8 +1,10 @@
-"""The offline arithmetic world: determinism, disjoint splits, parseable gold, the warm start's hint gap."""
+"""The offline arithmetic world: determinism, disjoint splits, parseable gold, the warm start's hint gap,
+the shipped world (used without building anything) and its rebuild from scratch."""
 
 import json
 import re
 
+import pytest
 import torch
 
 from harness.verifiers import extract_answer
@@ -95,9 +97,43 @@ def test_warm_start_is_mediocre_without_the_hint_and_strong_with_it(warm_world):
     assert hint - no_hint >= 0.25, message
 
 
-def test_warm_start_is_cached(warm_world):
-    from harness.world.warm_start import warm_start
+def test_the_shipped_world_is_used_and_nothing_is_built(warm_world, tmp_path, monkeypatch):
+    from harness.world import warm_start as world
 
-    assert warm_start() == warm_world
-    model, tokenizer = warm_world.load()
+    monkeypatch.setenv("TRL_OPSD_CACHE", str(tmp_path))
+    monkeypatch.setattr(world, "_train_and_evaluate", lambda *a, **k: pytest.fail("the shipped world was rebuilt"))
+    assert world.warm_start() == warm_world and world.checkpoint(world.WORLD_MODEL) == str(world.SHIPPED_DIR)
+    assert warm_world.cache_key == world.WarmStartSettings().cache_key()
+    assert list(tmp_path.iterdir()) == []  # no lock file, no cache folder
+    model, tokenizer = world.load(world.WORLD_MODEL)
     assert model.config.hidden_size == 128 and tokenizer.eos_token == "<|im_end|>"
+    # other settings are a custom world, which lives in the cache
+    assert world.world_folder(world.WarmStartSettings(seed=1)) == world.cache_folder(world.WarmStartSettings(seed=1))
+
+
+# Bit-identity needs the same torch/transformers/trl (kernels and trainer defaults change the trajectory of a
+# 1000-step run); across versions the rebuild must still land close to the shipped world.
+REBUILD_TOLERANCE = 0.05
+
+
+@pytest.mark.slow
+def test_rebuilding_the_world_reproduces_the_shipped_one(warm_world, tmp_path):
+    """Builds the default world from scratch (many minutes on 2 cores): the only test that trains a world."""
+    from harness.world.warm_start import WarmStartSettings, library_versions, warm_start
+
+    rebuilt = warm_start(WarmStartSettings(), cache_dir=tmp_path, force=True)
+    shipped_numbers = (warm_world.steps, warm_world.no_hint_accuracy, warm_world.hint_accuracy)
+    rebuilt_numbers = (rebuilt.steps, rebuilt.no_hint_accuracy, rebuilt.hint_accuracy)
+    running = library_versions()
+    keys = ("torch", "transformers", "trl", "tokenizers")
+    same_versions = all(running[k] == warm_world.built_with.get(k) for k in keys)
+    message = (f"(steps, no-hint, hint): shipped {shipped_numbers} built with {warm_world.built_with}; "
+               f"rebuilt {rebuilt_numbers} with {running}")
+    assert rebuilt.reached_target, message
+    if same_versions:
+        assert rebuilt_numbers == shipped_numbers, "same library versions, different world: " + message
+    else:
+        assert abs(rebuilt.no_hint_accuracy - warm_world.no_hint_accuracy) <= REBUILD_TOLERANCE, (
+            f"library versions differ from the shipped world's, and the rebuild drifted beyond "
+            f"{REBUILD_TOLERANCE:.0%}: " + message)
+        assert abs(rebuilt.hint_accuracy - warm_world.hint_accuracy) <= REBUILD_TOLERANCE, message

@@ -53,7 +53,7 @@ def resolve(name: str | None, what: str = "model_name_or_path") -> ModelSpec:
             settings = world.settings_from_name(name)
         except world.WorldModelNameError as error:
             raise ModelSpecError(str(error)) from None
-        folder = world.cache_folder(settings)
+        folder = world.world_folder(settings)  # the shipped world, or the cache
         return ModelSpec(name, "arithmetic", str(folder), (folder / "warm_start.json").exists(), settings)
     path = Path(name).expanduser()
     if path.exists():

@@ -4,3 +4,5 @@ Tests, the demo and the benchmarks use it; the evaluation modules of :mod:`harne
 samplers and judges as inputs and never import it. ``arithmetic:warm`` names the warm-started model
 everywhere (:func:`harness.world.warm_start.checkpoint`).
 """
+
+from harness.world import console  # noqa: F401  (first: it drops known library log lines before they are imported)

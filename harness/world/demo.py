@@ -16,11 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
+import queue
 import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, as_completed, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from tqdm.auto import tqdm
 
 from harness import compare
 from harness.world.arms import OPSD_ARMS, Arm, train_arm, train_sft
+from harness.world.console import StepsToBar, quiet_libraries
 from harness.world.parallel import plan_workers, process_pool, subprocess_env
 from harness.world.warm_start import warm_start
 
@@ -42,11 +45,12 @@ class DemoSettings:
     batch_size: int = 64
     teacher_sft_steps: int = 100  # already a much stronger teacher than the start (README, Status)
     eval_limit: int = 500
+    geometry_prompts: int = 128  # held-out prompts whose per-token divergence the concentration plot shows
     seed: int = 0
 
     @classmethod
     def quick(cls) -> DemoSettings:
-        return cls(steps_per_arm=3, batch_size=8, teacher_sft_steps=3, eval_limit=40)
+        return cls(steps_per_arm=3, batch_size=8, teacher_sft_steps=3, eval_limit=40, geometry_prompts=16)
 
 
 def demo_arms(teacher_path: str) -> list[Arm]:
@@ -58,15 +62,47 @@ def demo_arms(teacher_path: str) -> list[Arm]:
 
 
 def evaluate_with_lm_eval(model_path: str, out_dir: Path, limit: int, env: dict | None = None) -> Path:
-    """Run the opsd_arith lm-eval task on ``model_path`` (greedy, no hint) with per-sample logs."""
+    """Run the opsd_arith lm-eval task on ``model_path`` (greedy, no hint) with per-sample logs.
+
+    lm-eval's own console output goes to ``<out_dir>.log``, shown only when it fails.
+    """
     command = [
         sys.executable, "-m", "harness.cli", "eval", "--model", "hf",
         "--model_args", f"pretrained={model_path},dtype=float32", "--tasks", "opsd_arith",
         "--apply_chat_template", "--log_samples", "--output_path", str(out_dir),
         "--device", "cpu", "--batch_size", "64", "--limit", str(limit),
     ]
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=env)
+    log = out_dir.with_suffix(".log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as stream:
+        finished = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, env=env)
+    if finished.returncode:
+        tail = "\n".join(log.read_text().splitlines()[-20:])
+        raise RuntimeError(f"lm-eval on {model_path} failed (exit {finished.returncode}); log {log}:\n{tail}")
     return out_dir
+
+
+class _QueueBar:
+    """A worker's stand-in for the main process's phase bar: each update goes through a queue."""
+
+    def __init__(self, steps: queue.Queue):
+        self.steps = steps
+
+    def update(self, n: int = 1) -> None:
+        self.steps.put(n)
+
+
+def _train_in_worker(job, steps: queue.Queue, *args, **kwargs):
+    """Run ``arms.train_arm`` / ``arms.train_sft`` in a worker, each optimizer step advancing the phase bar.
+
+    A quiet arm adds ``arms.ProgressLines`` (one printed line per logging step) to its trainer; here the
+    phase bar takes its place.
+    """
+    from harness.world import arms
+
+    quiet_libraries()
+    arms.ProgressLines = lambda name: StepsToBar(_QueueBar(steps))
+    return job(*args, **kwargs)
 
 
 def _concentration(log_history: list[dict]) -> dict:
@@ -83,6 +119,7 @@ def train_all_arms(world_path: str, out_dir: Path, settings: DemoSettings) -> tu
     """Train the OPD teacher and every arm, side by side in worker processes; returns (checkpoints, logs).
 
     OPD starts once its teacher (SFT on gold solutions) is trained; the OPSD arms need nothing but the start.
+    One bar counts the optimizer steps of all of them.
     """
     checkpoints_dir = out_dir / "checkpoints"
     teacher_dir = checkpoints_dir / "sft_gold"
@@ -90,46 +127,68 @@ def train_all_arms(world_path: str, out_dir: Path, settings: DemoSettings) -> tu
     for arm in arms:
         arm.overrides.setdefault("per_device_train_batch_size", settings.batch_size)
     self_arms, teacher_arms = [a for a in arms if a.teacher_path is None], [a for a in arms if a.teacher_path]
+    total = settings.teacher_sft_steps + len(arms) * settings.steps_per_arm
+    print(f"[2/4] training the OPD teacher (SFT, {settings.teacher_sft_steps} steps) and {len(arms)} arms "
+          f"({settings.steps_per_arm} steps each, batch {settings.batch_size}) side by side: {total} steps")
     histories = {}
-    with process_pool(len(arms)) as pool, tqdm(total=len(arms) + 1, desc="[2/4] training arms") as bar:
-        teacher_future = pool.submit(train_sft, world_path, teacher_dir, settings.teacher_sft_steps,
-                                     settings.seed, quiet=True)
-        futures = {pool.submit(train_arm, arm, world_path, checkpoints_dir, settings.steps_per_arm,
-                               settings.seed, quiet=True): arm.name for arm in self_arms}
-        teacher_path = teacher_future.result()
-        bar.update()
-        futures.update({pool.submit(train_arm, arm, world_path, checkpoints_dir, settings.steps_per_arm,
-                                    settings.seed, quiet=True): arm.name for arm in teacher_arms})
-        for future in as_completed(futures):
-            path, history = future.result()
-            histories[futures[future]] = (path, history)
-            bar.update()
+    with multiprocessing.get_context("spawn").Manager() as manager, process_pool(len(arms)) as pool, \
+            tqdm(total=total, desc="[2/4] training", unit="step") as bar:
+        steps = manager.Queue()
+
+        def submit(job, *args, **kwargs):
+            return pool.submit(_train_in_worker, job, steps, *args, **kwargs)
+
+        teacher = submit(train_sft, world_path, teacher_dir, settings.teacher_sft_steps, settings.seed, quiet=True)
+        pending = {submit(train_arm, arm, world_path, checkpoints_dir, settings.steps_per_arm, settings.seed,
+                          quiet=True): arm.name for arm in self_arms}
+        pending[teacher] = "sft_gold"
+        while pending:
+            done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            while not steps.empty():
+                bar.update(steps.get())
+            for future in done:
+                name = pending.pop(future)
+                if future is teacher:
+                    teacher_path = future.result()
+                    pending.update({submit(train_arm, arm, world_path, checkpoints_dir, settings.steps_per_arm,
+                                           settings.seed, quiet=True): arm.name for arm in teacher_arms})
+                else:
+                    histories[name] = future.result()
     checkpoints = {"start": world_path, "sft_gold (OPD teacher)": teacher_path}
     checkpoints.update({arm.name: histories[arm.name][0] for arm in arms})
-    return checkpoints, {arm.name: histories[arm.name][1] for arm in arms}
+    logs = {"sft_gold": json.loads((teacher_dir / "log_history.json").read_text())}
+    logs.update({arm.name: histories[arm.name][1] for arm in arms})
+    return checkpoints, logs
 
 
 def evaluate_all(checkpoints: dict, out_dir: Path, limit: int) -> list[Path]:
     """lm-eval every checkpoint, as concurrent subprocesses with the cores shared between them."""
     workers, _ = plan_workers(len(checkpoints))
     env = subprocess_env(len(checkpoints))
+    print(f"[3/4] evaluating {len(checkpoints)} checkpoints with the opsd_arith lm-eval task on {limit} held-out "
+          f"problems, without the hint ({workers} at a time)")
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = [pool.submit(evaluate_with_lm_eval, path, out_dir / "lm_eval" / name.split(" ")[0], limit, env)
                    for name, path in checkpoints.items()]
-        for _ in tqdm(as_completed(futures), total=len(futures), desc=f"[3/4] lm-eval opsd_arith ({limit} problems)"):
+        for _ in tqdm(as_completed(futures), total=len(futures), desc="[3/4] lm-eval", unit="model"):
             pass
         return [future.result() for future in futures]
 
 
 def run_demo(out_dir: Path, settings: DemoSettings) -> dict:
     started = time.perf_counter()
+    quiet_libraries()
     out_dir.mkdir(parents=True, exist_ok=True)
     world = warm_start()
-    print(f"[1/4] warm start: {world.no_hint_accuracy:.1%} without the hint, {world.hint_accuracy:.1%} with it "
-          f"({world.num_eval_problems} held-out problems, {world.steps} steps)")
+    print(f"[1/4] world: warm-started tiny model ({world.path}): {world.no_hint_accuracy:.1%} without the hint, "
+          f"{world.hint_accuracy:.1%} with it ({world.num_eval_problems} held-out problems, {world.steps} steps)")
+    phase = time.perf_counter()
     checkpoints, histories = train_all_arms(world.path, out_dir, settings)
-    concentration = {name: _concentration(history) for name, history in histories.items()}
+    print(f"      trained in {time.perf_counter() - phase:.0f} s")
+    concentration = {name: _concentration(history) for name, history in histories.items() if name != "sft_gold"}
+    phase = time.perf_counter()
     runs = evaluate_all(checkpoints, out_dir, settings.eval_limit)
+    print(f"      evaluated in {time.perf_counter() - phase:.0f} s")
 
     print("[4/4] paired comparison")
     report = compare.compare(runs, list(checkpoints), settings=compare.Settings(bucket_edges=(1, 2)))
@@ -137,17 +196,77 @@ def run_demo(out_dir: Path, settings: DemoSettings) -> dict:
     compare.forest_plot(report, out_dir / "forest.png")
     summary = {
         "settings": asdict(settings),
-        "warm_start": {"no_hint": world.no_hint_accuracy, "hint": world.hint_accuracy, "steps": world.steps},
+        "warm_start": {"no_hint": world.no_hint_accuracy, "hint": world.hint_accuracy, "steps": world.steps,
+                       "path": world.path, "built_with": world.built_with},
         "concentration": concentration,
         "comparison": report,
+        "training": histories,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     (out_dir / "report.json").write_text(json.dumps(summary, indent=2, default=str))
-    (out_dir / "report.md").write_text(_markdown_report(summary, markdown))
+    markdown_report = _markdown_report(summary, markdown)
+    (out_dir / "report.md").write_text(markdown_report)
+    page = _html_report(out_dir, markdown_report, histories, runs, list(checkpoints),
+                        world.path, checkpoints["sft_gold (OPD teacher)"], settings)
     print(markdown)
     print(_concentration_table(concentration))
-    print(f"report: {out_dir / 'report.md'} (wall time {summary['wall_seconds']} s)")
+    print(f"report: {page} and {out_dir / 'report.md'} (wall time {summary['wall_seconds']} s)")
     return summary
+
+
+def _sample_completions(runs: list[Path], names: list[str], before: str, after: str, count: int = 6) -> list[dict]:
+    """Held-out problems where ``after`` differs from ``before`` (improvements first), with both completions."""
+    sections, _ = compare.pair_runs(runs, names)
+    section = sections[0]
+    metric = compare.choose_metric(section, names, None)
+    first, second = section.samples[names.index(before)], section.samples[names.index(after)]
+
+    def reply(sample: dict) -> str:
+        response = sample.get("filtered_resps") or sample.get("resps") or [""]
+        while isinstance(response, list):
+            response = response[0] if response else ""
+        return str(response)
+
+    rows = [{"question": a["doc"]["question"], "gold": a["doc"]["answer"], "before": reply(a), "after": reply(b),
+             "before_correct": bool(a[metric]), "after_correct": bool(b[metric])} for a, b in zip(first, second)]
+    improved = [r for r in rows if r["after_correct"] and not r["before_correct"]]
+    worsened = [r for r in rows if r["before_correct"] and not r["after_correct"]]
+    return improved[: count - min(2, len(worsened))] + worsened[:2] or rows[:count]
+
+
+def _html_report(out_dir: Path, markdown_report: str, histories: dict, runs: list[Path], names: list[str],
+                 world_path: str, teacher_path: str, settings: DemoSettings) -> Path:
+    """``report.html``: the Markdown report, the forest plot, the OPD-vs-OPSD divergence concentration, the
+    training curves and sample completions before/after, in one self-contained page."""
+    from harness import report_html
+    from harness.plots import plot_geometry, plot_training_curves
+    from harness.world.arithmetic import generate_problems
+    from harness.world.geometry import opd_and_opsd_geometry
+
+    problems = generate_problems(settings.geometry_prompts, "validation", seed=settings.seed)
+    opd, opsd = opd_and_opsd_geometry(world_path, teacher_path, problems, beta=1.0, max_new_tokens=40,
+                                      sample_seed=settings.seed)
+    geometry_png = plot_geometry(opd, opsd, out_dir / "geometry.png")
+    curves_png, drawn = plot_training_curves(histories, out_dir / "training_curves.png")
+    missing = [key for key in ("loss", "kl_mean", "entropy", "completion_length", "clipped_fraction") if key not in drawn]
+    after = "opsd_reverse_kl"
+    # the figures right after the overall paired table, before the per-difficulty rows
+    overall, bucket_header, buckets = markdown_report.partition("\n| bucket |")
+    sections = [
+        report_html.markdown_to_html(overall),
+        report_html.figure(out_dir / "forest.png", "Paired gap in held-out accuracy against the start model, with "
+                           "its bootstrap CI, overall and per difficulty bucket"),
+        report_html.figure(geometry_png, f"Per-token divergence of the start model's own samples on "
+                           f"{len(problems)} held-out prompts: OPD (separate SFT teacher) vs OPSD (self-teacher "
+                           "with the hint); the right panel shows how concentrated each is"),
+        report_html.figure(curves_png, "Training curves per arm, from the trainers' log_history"
+                           + (f" (not logged by these trainers: {', '.join(missing)})" if missing else "")),
+        "<h2>Per difficulty, and the rest of the report</h2>",
+        report_html.markdown_to_html(bucket_header.lstrip("\n") + buckets),
+        f"<h2>Sample completions: start vs {after}</h2>",
+        report_html.samples_table(_sample_completions(runs, names, "start", after), "start", after),
+    ]
+    return report_html.render_page("trl-opsd demo report", sections, out_dir / "report.html")
 
 
 def _concentration_table(concentration: dict) -> str:

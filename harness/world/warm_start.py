@@ -6,8 +6,12 @@ fresh tiny Llama with TRL's ``SFTTrainer`` on worked solutions, half of them und
 
 The no-hint skill arrives in one sudden jump whose timing depends on the seed, so training stops on
 a held-out check (every ``check_every`` steps from ``check_from``) rather than after a fixed count,
-and warns loudly when it reaches ``max_steps`` without the jump. Results are cached on disk, keyed
-by every setting that changes the weights.
+and warns loudly when it reaches ``max_steps`` without the jump.
+
+The default world ships with the package (``harness/world/shipped/arithmetic_warm``: weights, tokenizer,
+and ``warm_start.json`` with the settings, their cache key, its held-out accuracies and the library
+versions it was built with), so a first run builds nothing. Rebuilt and custom worlds are cached on
+disk, keyed by every setting that changes the weights.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import random
 import time
 from dataclasses import dataclass, field
@@ -27,10 +32,13 @@ from urllib.parse import parse_qsl
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from tqdm.auto import tqdm
+from transformers.trainer_callback import PrinterCallback
 from trl import SFTConfig, SFTTrainer
 
 from harness.generation import generate_texts, score_answers
 from harness.world.arithmetic import Problem, generate_problems, hinted_messages
+from harness.world.console import StepsToBar
 from harness.world.tiny import build_tiny_model, build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -39,6 +47,7 @@ WORLD_VERSION = "4"  # bump when the generator, tokenizer or training code chang
 WORLD_PREFIX = "arithmetic:"
 WORLD_MODELS = ("warm",)
 WORLD_MODEL = "arithmetic:warm"  # the warm-started model under default settings
+SHIPPED_DIR = Path(__file__).parent / "shipped" / "arithmetic_warm"  # package data: the default world, prebuilt
 
 
 class WorldModelNameError(ValueError):
@@ -83,10 +92,35 @@ class WarmStartResult:
     reached_target: bool
     train_seconds: float
     history: list[dict] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+    cache_key: str = ""
+    built_with: dict = field(default_factory=dict)  # library versions and machine; numerics depend on them
 
     def load(self):
         """(model, tokenizer) in fp32 on CPU."""
         return load(self.path)
+
+
+def library_versions() -> dict:
+    """The versions that change the warm start's numerics, recorded with every world built."""
+    import tokenizers
+    import transformers
+    import trl
+
+    return {
+        "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
+        "tokenizers": tokenizers.__version__, "python": platform.python_version(), "machine": platform.machine(),
+    }
+
+
+def shipped(settings: WarmStartSettings | None = None) -> WarmStartResult | None:
+    """The world shipped with the package, if it was built with exactly ``settings`` (default settings)."""
+    settings = settings or WarmStartSettings()
+    record = SHIPPED_DIR / "warm_start.json"
+    if not record.exists():
+        return None
+    result = WarmStartResult(**{**json.loads(record.read_text()), "path": str(SHIPPED_DIR)})
+    return result if result.cache_key == settings.cache_key() else None
 
 
 def default_cache_dir() -> Path:
@@ -125,8 +159,14 @@ def cache_folder(settings: WarmStartSettings, cache_dir: str | os.PathLike | Non
     return Path(cache_dir or default_cache_dir()) / "arithmetic" / settings.cache_key()
 
 
+def world_folder(settings: WarmStartSettings, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where the checkpoint of ``settings`` is: the shipped folder for the shipped settings, else the cache."""
+    return SHIPPED_DIR if shipped(settings) is not None else cache_folder(settings, cache_dir)
+
+
 def checkpoint(name_or_path: str) -> str:
-    """A loadable folder: a world model name is warm-started on first use (then cached); a path is kept."""
+    """A loadable folder: a world model name is the shipped world, or warm-started on first use (then cached)
+    when its settings differ from the shipped ones; a path is kept."""
     if is_world_model(name_or_path):
         return warm_start(settings_from_name(name_or_path)).path
     return str(name_or_path)
@@ -181,8 +221,11 @@ class _StopOnHeldOutSkill(TrainerCallback):
 def warm_start(
     settings: WarmStartSettings | None = None, cache_dir: str | os.PathLike | None = None, force: bool = False
 ) -> WarmStartResult:
-    """Train (or load from cache) the warm-started tiny model and report its held-out accuracies."""
+    """The warm-started tiny model and its held-out accuracies: the shipped one for its settings, else loaded
+    from the cache or trained into it. ``force`` retrains into the cache even when a shipped or cached one exists."""
     settings = settings or WarmStartSettings()
+    if not force and (prebuilt := shipped(settings)) is not None:
+        return prebuilt
     out_dir = cache_folder(settings, cache_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # One build per settings: concurrent callers (test workers, ranks, other jobs) wait for it.
@@ -219,6 +262,8 @@ def _train_and_evaluate(settings: WarmStartSettings, out_dir: Path) -> WarmStart
         bf16=False,
         max_length=256,
         dataloader_num_workers=0,
+        activation_checkpointing=True,  # SFTConfig's default, named as transformers 5 wants (same numerics)
+        disable_tqdm=True,  # the phase bar below counts the steps instead
     )
     trainer = SFTTrainer(
         model=model,
@@ -228,7 +273,14 @@ def _train_and_evaluate(settings: WarmStartSettings, out_dir: Path) -> WarmStart
         callbacks=[stopper],
     )
     started = time.perf_counter()
-    trainer.train()
+    description = "[world] warm start (stops at the held-out target, at most)"
+    logger.warning("building the arithmetic world %s into %s: %d steps at most, evaluated every %d from step %d "
+                   "(about 30 minutes on 2 busy cores)", settings.cache_key(), out_dir, settings.max_steps,
+                   settings.check_every, settings.check_from)
+    with tqdm(total=settings.max_steps, desc=description, unit="step") as bar:
+        trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(StepsToBar(bar))
+        trainer.train()
     train_seconds = time.perf_counter() - started
     if not stopper.reached_target:
         logger.warning(
@@ -251,6 +303,9 @@ def _train_and_evaluate(settings: WarmStartSettings, out_dir: Path) -> WarmStart
         reached_target=stopper.reached_target,
         train_seconds=round(train_seconds, 1),
         history=stopper.history,
+        settings=dataclasses.asdict(settings),
+        cache_key=settings.cache_key(),
+        built_with=library_versions(),
     )
     (out_dir / "warm_start.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
     return result
