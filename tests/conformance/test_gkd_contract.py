@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
+from datasets import Dataset, DatasetDict, IterableDatasetDict
 from trl.experimental.utils import DataCollatorForChatML
 
 from conftest import chat, gkd_args, on_device

@@ -19,7 +19,7 @@ value, a string, ``true`` or a missing value is a broken response.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from .http import InvalidResponseError
