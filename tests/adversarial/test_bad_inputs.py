@@ -337,7 +337,7 @@ def test_bad_jsonl_datasets_name_the_file_and_line(tmp_path, what, content, mess
 
 PROMPT_FILE_CASES = [
     ("truncated last line", f"{GOOD_LINE}\n{GOOD_LINE[:30]}", r"prompts\.jsonl:2: not valid JSON"),
-    ("a line that is a string", f'"just text"\n', r"prompts\.jsonl:1: a row must be a JSON object, got str"),
+    ("a line that is a string", '"just text"\n', r"prompts\.jsonl:1: a row must be a JSON object, got str"),
     ("a chat without a user turn", GOOD_LINE + "\n" + json.dumps({"messages": [{"role": "system", "content": "x"}]}),
      r"prompts\.jsonl:2: row 1: the chat has no user turn"),
 ]
