@@ -435,3 +435,17 @@ def views_from_gkd_batch(batch: dict[str, torch.Tensor], pad_token_id: int) -> d
     for name in ("num_truncated_prompts", "num_truncated_teacher_prompts", "num_privileged_rows"):
         views[name] = torch.tensor(0)
     return views
+
+
+def as_opsd_batch(batch: dict, pad_token_id: int) -> dict:
+    """``batch`` in OPSD's layout: :class:`OPSDCollator`'s as it is; GKD's ``DataCollatorForChatML`` output
+    (``input_ids``, ``labels``, ``prompts``) as dataset completions under the student's prompt, as GKD trains them."""
+    if "teacher_prompts" in batch:
+        return batch
+    if {"input_ids", "labels", "prompts", "prompt_attention_mask"} <= set(batch):
+        return views_from_gkd_batch(batch, pad_token_id)
+    raise ValueError(
+        f"the data collator's batch has keys {sorted(batch)}: neither OPSDCollator's (prompts, teacher_prompts, "
+        "completions, ...) nor GKD's DataCollatorForChatML's (input_ids, attention_mask, labels, prompts, "
+        "prompt_attention_mask). Pass data_collator=None (OPSDCollator) or GKD's DataCollatorForChatML"
+    )

@@ -41,6 +41,20 @@ def decode_compile_config(everywhere: bool) -> CompileConfig:
     return config
 
 
+def check_static_rollouts(student: nn.Module, seq_kd_teacher: nn.Module | None, sharded: bool) -> None:
+    """Refuse ``rollout_backend='hf_static'`` where it cannot run: parameters gathered per call (``sharded``: FSDP,
+    DeepSpeed ZeRO-3), which a compiled decode step cannot hold, or a model without static-cache support (the
+    student, and the teacher's own weights when ``seq_kd`` samples from it)."""
+    if sharded:
+        raise ValueError(
+            "rollout_backend='hf_static' does not run under FSDP or DeepSpeed ZeRO-3 (the parameters are gathered "
+            "for each generate call): set rollout_backend='hf' or 'vllm', or train with DDP / ZeRO-1/2"
+        )
+    require_static_cache(student, "student")
+    if seq_kd_teacher is not None:
+        require_static_cache(seq_kd_teacher, "teacher (seq_kd samples from it)")
+
+
 def require_static_cache(model: nn.Module, where: str) -> None:
     """Raise unless ``model`` (``where``: which model, for the message) can generate with a static KV cache."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the transformers model

@@ -41,7 +41,7 @@ from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import disable_dropout_in_model
 
 from trl_opsd.collapse import CollapseGuard
-from trl_opsd.collator import OPSDCollator, gkd_sequences, validate_dataset, views_from_gkd_batch
+from trl_opsd.collator import OPSDCollator, as_opsd_batch, gkd_sequences, validate_dataset
 from trl_opsd.config import OPSDConfig, as_config
 from trl_opsd.forward import (
     HeadInputs,
@@ -59,7 +59,7 @@ from trl_opsd.rollouts import (
     drop_stale_input_grad_hooks,
     fixed_shape_prompts,
     generation_config_for,
-    require_static_cache,
+    check_static_rollouts,
 )
 from trl_opsd.teacher_setup import build_teacher
 from trl_opsd.vllm_rollouts import attach_vllm_completions, vllm_generation
@@ -160,7 +160,10 @@ class OPSDTrainer(GKDTrainer):
         self.divergence = Divergence.from_config(args)
         self.teacher, self.teacher_model = self._build_teacher(teacher_model, teacher_processing_class)
         if args.rollout_backend == "hf_static":
-            self._check_static_rollouts()
+            zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+            seq_kd_teacher = self.teacher.own_model() if self.seq_kd and self._local_teacher else None
+            check_static_rollouts(self.accelerator.unwrap_model(self.model), seq_kd_teacher,
+                                  sharded=self.is_fsdp_enabled or zero3)
         check_dataset_routes(self.teacher, train_dataset, "train_dataset")
         self._dense_loss_reason = self._why_dense_loss()
         if args.chunked_loss and self._dense_loss_reason is not None:
@@ -185,19 +188,6 @@ class OPSDTrainer(GKDTrainer):
         for callback in setup.callbacks:
             self.add_callback(callback)
         return setup.teacher, setup.module
-
-    def _check_static_rollouts(self) -> None:
-        """Refuse ``rollout_backend='hf_static'`` where it cannot run: a model without static-cache support, or
-        parameters gathered per call (FSDP, DeepSpeed ZeRO-3), which a compiled decode step cannot hold."""
-        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
-        if self.is_fsdp_enabled or zero3:
-            raise ValueError(
-                "rollout_backend='hf_static' does not run under FSDP or DeepSpeed ZeRO-3 (the parameters are gathered "
-                "for each generate call): set rollout_backend='hf' or 'vllm', or train with DDP / ZeRO-1/2"
-            )
-        require_static_cache(self.accelerator.unwrap_model(self.model), "student")
-        if self.seq_kd and self._local_teacher and self.teacher.own_model() is not None:
-            require_static_cache(self.teacher.own_model(), "teacher (seq_kd samples from it)")
 
     def _why_dense_loss(self) -> str | None:
         """Why the chunked loss cannot run with this model and teacher (None: it can)."""
@@ -269,7 +259,7 @@ class OPSDTrainer(GKDTrainer):
         """
         device = self.accelerator.device
         batches = [{key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
-                   for batch in map(self._opsd_batch, batches)]
+                   for batch in (as_opsd_batch(b, self.processing_class.pad_token_id) for b in batches)]
         if source == "student" and self.args.rollout_backend == "vllm":
             self._vllm_completions(batches)
         else:
@@ -278,19 +268,6 @@ class OPSDTrainer(GKDTrainer):
         for batch in batches:
             batch["completion_source"] = source
         return batches
-
-    def _opsd_batch(self, batch: dict) -> dict:
-        """``batch`` in OPSD's layout: our collator's as it is; GKD's ``DataCollatorForChatML`` output (``input_ids``,
-        ``labels``, ``prompts``) as dataset completions under the student's prompt, as GKD trains them."""
-        if "teacher_prompts" in batch:
-            return batch
-        if {"input_ids", "labels", "prompts", "prompt_attention_mask"} <= set(batch):
-            return views_from_gkd_batch(batch, self.processing_class.pad_token_id)
-        raise ValueError(
-            f"the data collator's batch has keys {sorted(batch)}: neither OPSDCollator's (prompts, teacher_prompts, "
-            "completions, ...) nor GKD's DataCollatorForChatML's (input_ids, attention_mask, labels, prompts, "
-            "prompt_attention_mask). Pass data_collator=None (OPSDCollator) or GKD's DataCollatorForChatML"
-        )
 
     def _generate_completions(self, batch: dict, source: str) -> None:
         """Sample ``batch``'s completions with ``transformers`` (student or teacher), or check the dataset's."""
@@ -414,7 +391,7 @@ class OPSDTrainer(GKDTrainer):
     def _loss_inputs(self, model, inputs) -> tuple[dict, torch.Tensor]:
         """(the micro-batch with completions, the mask of the positions the loss counts)."""
         if "completion_source" not in inputs:  # evaluation: dataset completions if present, else student samples
-            inputs = self._opsd_batch(inputs)
+            inputs = as_opsd_batch(inputs, self.processing_class.pad_token_id)
             inputs = self._attach_completions(inputs, "dataset" if "completions" in inputs else "student")
         return inputs, inputs["completion_mask"].bool()
 
