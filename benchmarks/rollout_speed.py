@@ -32,7 +32,7 @@ import sys
 import time
 
 # benchmarks/ is on sys.path when run as a script
-from step_time import MODELS, _model, machine_description
+from step_time import MODELS, _model, measure_arms, model_description
 
 ARMS = ("gkd", "hf", "hf_static", "hf_static_eager", "vllm")
 BACKENDS = {"hf": dict(rollout_backend="hf"), "hf_static": dict(rollout_backend="hf_static", rollout_compile=True),
@@ -51,12 +51,13 @@ def _trainer(arm: str, args: argparse.Namespace, rows, tokenizer):
         lmbda=1.0, temperature=1.0, gradient_checkpointing=True, seed=args.seed, report_to="none",
         use_cpu=args.device == "cpu", bf16=args.device == "cuda", save_strategy="no", disable_tqdm=True,
     )
-    model = _model(tokenizer, args, args.seed)
+    model, teacher = _model(tokenizer, args, args.seed), _model(tokenizer, args, args.seed + 1)
     if arm == "gkd":
-        trainer = GKDTrainer(model=model, teacher_model=_model(tokenizer, args, args.seed + 1), args=GKDConfig(**common),
+        trainer = GKDTrainer(model=model, teacher_model=teacher, args=GKDConfig(**common),
                              train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
-    else:
-        trainer = OPSDTrainer(model=model, args=OPSDConfig(**common, privileged_from=None, **BACKENDS[arm]),
+    else:  # the same external teacher as GKD's (only the rollouts are timed)
+        trainer = OPSDTrainer(model=model, teacher_model=teacher,
+                              args=OPSDConfig(**common, privileged_from=None, **BACKENDS[arm]),
                               train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
     trainer.generation_config.min_new_tokens = args.new_tokens  # no EOS before max_new_tokens
     trainer.generation_kwargs["min_new_tokens"] = args.new_tokens
@@ -142,19 +143,8 @@ def main() -> None:
 
         args.arms = [arm for arm in ARMS if arm != "vllm" or is_vllm_available()]
 
-    load_before = os.getloadavg()
-    runs = {arm: [] for arm in args.arms}
-    for run in range(args.repeats):
-        for arm in args.arms:
-            runs[arm].append(measure(arm, run, args))
-    load_after = os.getloadavg()
-
-    command = " ".join(["python", f"benchmarks/{os.path.basename(__file__)}", *sys.argv[1:]])
-    print(f"Command: `{command}`\n")
-    print(f"Machine: {machine_description(args.device)}; load average {load_before[0]:.1f} before, "
-          f"{load_after[0]:.1f} after.\n")
-    model = (f"Llama hidden {args.hidden}, {args.layers} layers, V = {args.vocab:,}" if args.model == "llama-tiny"
-             else f"{args.model} architecture, random weights")
+    runs = measure_arms(args, measure, __file__)
+    model = model_description(args)
     print(f"B = {args.batch} prompts, {args.new_tokens} generated tokens each, {model}, "
           f"{'bf16' if args.device == 'cuda' else 'fp32'}, gradient checkpointing on; {args.repeats} runs per arm x "
           f"{args.calls} timed calls.\n")

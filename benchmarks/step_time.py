@@ -195,6 +195,28 @@ def measure(arm: str, run: int, args: argparse.Namespace) -> dict:
     return result
 
 
+def measure_arms(args, measure, script: str) -> dict[str, list]:
+    """``{arm: [measure(arm, run, args) for each repeat]}``, arms interleaved within each repeat so that load drifts
+    hit every arm alike; prints the command (``script``'s) and the machine with its load average before and after."""
+    load_before = os.getloadavg()
+    runs = {arm: [] for arm in args.arms}
+    for run in range(args.repeats):
+        for arm in args.arms:
+            runs[arm].append(measure(arm, run, args))
+    load_after = os.getloadavg()
+    command = " ".join(["python", f"benchmarks/{os.path.basename(script)}", *sys.argv[1:]])
+    print(f"Command: `{command}`\n")
+    print(f"Machine: {machine_description(args.device)}; load average {load_before[0]:.1f} before, "
+          f"{load_after[0]:.1f} after.\n")
+    return runs
+
+
+def model_description(args) -> str:
+    if args.model == "llama-tiny":
+        return f"Llama hidden {args.hidden}, {args.layers} layers, V = {args.vocab:,}"
+    return f"{args.model} architecture, random weights"
+
+
 def machine_description(device: str) -> str:
     import torch
     import transformers
@@ -234,19 +256,8 @@ def main() -> None:
         worker(args)
         return
 
-    load_before = os.getloadavg()
-    runs = {arm: [] for arm in args.arms}
-    for run in range(args.repeats):
-        for arm in args.arms:
-            runs[arm].append(measure(arm, run, args))
-    load_after = os.getloadavg()
-
-    command = " ".join(["python", f"benchmarks/{os.path.basename(__file__)}", *sys.argv[1:]])
-    print(f"Command: `{command}`\n")
-    print(f"Machine: {machine_description(args.device)}; load average {load_before[0]:.1f} before, "
-          f"{load_after[0]:.1f} after.\n")
-    model = (f"Llama hidden {args.hidden}, {args.layers} layers, V = {args.vocab:,}" if args.model == "llama-tiny"
-             else f"{args.model} architecture, random weights")
+    runs = measure_arms(args, measure, __file__)
+    model = model_description(args)
     print(f"B = {args.batch} prompts, {args.new_tokens} generated tokens each, {model}, "
           f"{'bf16' if args.device == 'cuda' else 'fp32'}; {args.repeats} runs per arm x {args.steps} timed steps.\n")
     print("| arm | seconds per step, median (min–max over runs) | ratio to GKD | of which rollout, median | "
