@@ -29,3 +29,18 @@ def warm_world():
         f"{SHIPPED_DIR} is missing or was built with other settings than WarmStartSettings(): rebuild it with "
         "`trl-opsd world --rebuild` and copy the checkpoint folder there")
     return world
+
+
+@pytest.fixture
+def no_weights_no_network(monkeypatch):
+    """Any model load or network connection fails the test: what is checked must be refused (or planned) first."""
+    import socket
+
+    from transformers import PreTrainedModel
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the code under test tried to load weights or reach the network")
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(refuse))
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 from datasets import Dataset
-from transformers import PreTrainedModel
 
 from harness import compare, rs_sft
 from harness.recipes import common, data_sources
@@ -32,19 +31,6 @@ NAN, INF = float("nan"), float("inf")
 USER = {"role": "user", "content": "Mia has 3 apples and buys 4. How many now?"}
 ASSISTANT = {"role": "assistant", "content": "3 + 4 = 7\n#### 7"}
 GOOD = {"messages": [USER], "answer": "7"}
-
-
-@pytest.fixture
-def no_loading(monkeypatch):
-    """Any model load or network connection fails the test: refusals must come first."""
-    import socket
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a bad input got as far as loading weights or reaching the network")
-
-    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(refuse))
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def assert_nothing_written(folder: Path) -> None:
@@ -239,7 +225,7 @@ def _trainer(tmp_path, rows, tokenizer, teacher_model=None, eval_rows=None, **ov
 
 
 @pytest.mark.parametrize(("what", "rows", "overrides", "message"), ROW_CASES, ids=[c[0] for c in ROW_CASES])
-def test_bad_rows_are_refused_at_construction_by_row_and_field(tmp_path, tiny_tokenizer, no_loading, what, rows,
+def test_bad_rows_are_refused_at_construction_by_row_and_field(tmp_path, tiny_tokenizer, no_weights_no_network, what, rows,
                                                                 overrides, message):
     with pytest.raises(RowError, match=message):
         _trainer(tmp_path, rows, tiny_tokenizer, **overrides)
@@ -278,19 +264,19 @@ TRAINER_CASES = [
 
 @pytest.mark.parametrize(("what", "overrides", "teacher", "message"), TRAINER_CASES, ids=[c[0] for c in TRAINER_CASES])
 def test_config_that_does_not_fit_the_teacher_or_tokenizer_is_refused_at_construction(
-        tmp_path, tiny_tokenizer, no_loading, what, overrides, teacher, message):
+        tmp_path, tiny_tokenizer, no_weights_no_network, what, overrides, teacher, message):
     with pytest.raises(ValueError, match=message):
         _trainer(tmp_path, [GOOD], tiny_tokenizer, teacher_model=teacher, **overrides)
     assert_nothing_written(tmp_path / "out")
 
 
-def test_a_bad_eval_row_is_refused_naming_the_eval_dataset(tmp_path, tiny_tokenizer, no_loading):
+def test_a_bad_eval_row_is_refused_naming_the_eval_dataset(tmp_path, tiny_tokenizer, no_weights_no_network):
     with pytest.raises(RowError, match=r"eval_dataset: row 1: field 'messages', turn 0: role 'robot'"):
         _trainer(tmp_path, [GOOD], tiny_tokenizer, eval_rows=[GOOD, {"messages": [{"role": "robot", "content": "x"}],
                                                                     "answer": "1"}])
 
 
-def test_a_chat_template_that_raises_is_reported_with_the_row(tmp_path, tiny_tokenizer, no_loading):
+def test_a_chat_template_that_raises_is_reported_with_the_row(tmp_path, tiny_tokenizer, no_weights_no_network):
     tokenizer = copy.deepcopy(tiny_tokenizer)
     tokenizer.chat_template = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system turns') }}" \
                               "{% endif %}{{ messages[0]['content'] }}"
@@ -300,7 +286,7 @@ def test_a_chat_template_that_raises_is_reported_with_the_row(tmp_path, tiny_tok
         _trainer(tmp_path, rows, tokenizer)
 
 
-def test_unified_trainer_refuses_dataset_steps_without_completions(tmp_path, tiny_tokenizer, no_loading):
+def test_unified_trainer_refuses_dataset_steps_without_completions(tmp_path, tiny_tokenizer, no_weights_no_network):
     args = UnifiedConfig(**_config_kwargs(tmp_path, preset="kd"))
     with pytest.raises(RowError, match=r"row 0: has no completion .*lmbda=0.0 < 1"):
         UnifiedTrainer(model="never/loaded-student", teacher_model="never/loaded-teacher", args=args,
@@ -462,7 +448,7 @@ RECIPE_CASES = [
 
 @pytest.mark.parametrize(("what", "recipe", "config", "extra", "message"), RECIPE_CASES,
                          ids=[c[0] for c in RECIPE_CASES])
-def test_recipe_dry_runs_refuse_bad_inputs_before_writing(tmp_path, no_loading, monkeypatch, what, recipe, config,
+def test_recipe_dry_runs_refuse_bad_inputs_before_writing(tmp_path, no_weights_no_network, monkeypatch, what, recipe, config,
                                                           extra, message):
     monkeypatch.delenv("TRL_OPSD_SURELY_UNSET_KEY", raising=False)
     out = tmp_path / "out"
@@ -478,7 +464,7 @@ def test_the_teacher_cache_folder_is_a_folder(tmp_path):
     assert teacher_cache_file(str(tmp_path / "responses.sqlite")) == str(tmp_path / "responses.sqlite")
 
 
-def test_recipe_dry_run_records_that_rows_were_checked(tmp_path, no_loading):
+def test_recipe_dry_run_records_that_rows_were_checked(tmp_path, no_weights_no_network):
     out = tmp_path / "out"
     assert opsd_recipe.main(["--config", str(ARITH), "--dry_run", "--output_dir", str(out),
                              "--dataset_name", _jsonl(tmp_path, [GOOD, GOOD])]) == 0
@@ -503,7 +489,7 @@ RS_SFT_CASES = [
 
 
 @pytest.mark.parametrize(("what", "extra", "message"), RS_SFT_CASES, ids=[c[0] for c in RS_SFT_CASES])
-def test_rs_sft_recipe_refuses_bad_flags_before_writing(tmp_path, no_loading, monkeypatch, what, extra, message):
+def test_rs_sft_recipe_refuses_bad_flags_before_writing(tmp_path, no_weights_no_network, monkeypatch, what, extra, message):
     monkeypatch.delenv("TRL_OPSD_SURELY_UNSET_KEY", raising=False)
     out = tmp_path / "out"
     with pytest.raises(common.RecipeError, match=message):
