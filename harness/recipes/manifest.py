@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from trl_opsd import redaction
-from trl_opsd.redaction import REDACTED, SECRET_WORDS, environment_secrets, is_secret_name  # noqa: F401 (public)
+from trl_opsd.redaction import is_secret_name
 
 # Distributions whose versions decide a run's behaviour (import names differ for some).
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "deepspeed", "vllm",
