@@ -14,15 +14,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import logging
 import multiprocessing
 import queue
 import statistics
-import subprocess
-import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, as_completed, wait
+import traceback
+from concurrent.futures import FIRST_COMPLETED, as_completed, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 from harness import compare
 from harness.world.arms import OPSD_ARMS, Arm, train_arm, train_sft
 from harness.world.console import StepsToBar, quiet_libraries
-from harness.world.parallel import plan_workers, process_pool, subprocess_env
+from harness.world.parallel import plan_workers, process_pool
 from harness.world.warm_start import warm_start
 
 logger = logging.getLogger(__name__)
@@ -61,25 +62,64 @@ def demo_arms(teacher_path: str) -> list[Arm]:
     ]
 
 
-def evaluate_with_lm_eval(model_path: str, out_dir: Path, limit: int, env: dict | None = None) -> Path:
-    """Run the opsd_arith lm-eval task on ``model_path`` (greedy, no hint) with per-sample logs.
+def evaluate_with_lm_eval(model_path: str, out_dir: Path, limit: int) -> Path:
+    """Run the opsd_arith lm-eval task on ``model_path`` (greedy, no hint) with per-sample logs in ``out_dir``.
 
-    lm-eval's own console output goes to ``<out_dir>.log``, shown only when it fails.
+    Through lm-eval's Python API, as its CLI does it (``simple_evaluate`` + ``EvaluationTracker``), in this
+    process: a worker that evaluates several checkpoints imports lm-eval and indexes the tasks once, and only
+    this project's tasks are indexed. lm-eval's own console output goes to ``<out_dir>.log``, shown only when it
+    fails.
     """
-    command = [
-        sys.executable, "-m", "harness.cli", "eval", "--model", "hf",
-        "--model_args", f"pretrained={model_path},dtype=float32", "--tasks", "opsd_arith",
-        "--apply_chat_template", "--log_samples", "--output_path", str(out_dir),
-        "--device", "cpu", "--batch_size", "64", "--limit", str(limit),
-    ]
+    from lm_eval import simple_evaluate
+    from lm_eval.loggers import EvaluationTracker
+
     log = out_dir.with_suffix(".log")
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as stream:
-        finished = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, env=env)
-    if finished.returncode:
+    with open(log, "w") as stream, contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream), \
+            _logging_to(stream):
+        try:
+            tracker = EvaluationTracker(output_path=str(out_dir))
+            results = simple_evaluate(
+                model="hf", model_args=f"pretrained={model_path},dtype=float32", tasks=["opsd_arith"],
+                task_manager=_project_tasks(), apply_chat_template=True, log_samples=True, limit=limit,
+                device="cpu", batch_size=64,
+            )
+            samples = results.pop("samples")
+            tracker.save_results_aggregated(results=results, samples=samples)
+            for task_name in results["configs"]:
+                tracker.save_results_samples(task_name=task_name, samples=samples[task_name])
+        except Exception as error:
+            traceback.print_exc(file=stream)
+            failure = error
+        else:
+            failure = None
+    if failure is not None:
         tail = "\n".join(log.read_text().splitlines()[-20:])
-        raise RuntimeError(f"lm-eval on {model_path} failed (exit {finished.returncode}); log {log}:\n{tail}")
+        raise RuntimeError(f"lm-eval on {model_path} failed ({failure!r}); log {log}:\n{tail}")
     return out_dir
+
+
+@functools.cache
+def _project_tasks():
+    """lm-eval's task index of this project's tasks only (indexing lm-eval's own thousands of tasks is most of its
+    start-up time)."""
+    from lm_eval.tasks import TaskManager
+
+    from harness.tasks import include_path
+
+    return TaskManager(include_path=include_path(), include_defaults=False)
+
+
+@contextlib.contextmanager
+def _logging_to(stream):
+    """Send the root logger's records (lm-eval and transformers log through it) to ``stream`` for a while."""
+    handler = logging.StreamHandler(stream)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
 
 
 class _QueueBar:
@@ -103,6 +143,11 @@ def _train_in_worker(job, steps: queue.Queue, *args, **kwargs):
     quiet_libraries()
     arms.ProgressLines = lambda name: StepsToBar(_QueueBar(steps))
     return job(*args, **kwargs)
+
+
+def _evaluate_in_worker(model_path: str, out_dir: Path, limit: int) -> Path:
+    quiet_libraries()
+    return evaluate_with_lm_eval(model_path, out_dir, limit)
 
 
 def _concentration(log_history: list[dict]) -> dict:
@@ -162,13 +207,12 @@ def train_all_arms(world_path: str, out_dir: Path, settings: DemoSettings) -> tu
 
 
 def evaluate_all(checkpoints: dict, out_dir: Path, limit: int) -> list[Path]:
-    """lm-eval every checkpoint, as concurrent subprocesses with the cores shared between them."""
+    """lm-eval every checkpoint, in worker processes with the cores shared between them."""
     workers, _ = plan_workers(len(checkpoints))
-    env = subprocess_env(len(checkpoints))
     print(f"[3/4] evaluating {len(checkpoints)} checkpoints with the opsd_arith lm-eval task on {limit} held-out "
           f"problems, without the hint ({workers} at a time)")
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(evaluate_with_lm_eval, path, out_dir / "lm_eval" / name.split(" ")[0], limit, env)
+    with process_pool(len(checkpoints)) as pool:
+        futures = [pool.submit(_evaluate_in_worker, path, out_dir / "lm_eval" / name.split(" ")[0], limit)
                    for name, path in checkpoints.items()]
         for _ in tqdm(as_completed(futures), total=len(futures), desc="[3/4] lm-eval", unit="model"):
             pass

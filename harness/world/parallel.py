@@ -32,8 +32,3 @@ def process_pool(num_jobs: int) -> ProcessPoolExecutor:
         workers, mp_context=multiprocessing.get_context("spawn"), initializer=_limit_threads, initargs=(threads,)
     )
 
-
-def subprocess_env(num_jobs: int) -> dict[str, str]:
-    """The environment for one of ``num_jobs`` concurrent subprocesses: this one with a thread limit."""
-    _, threads = plan_workers(num_jobs)
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
