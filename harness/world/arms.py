@@ -138,18 +138,21 @@ def train_arm(
     quiet: bool = False,
     eval_every: int = 0,
     eval_problems: list[Problem] | None = None,
+    logging_steps: int | None = None,
 ) -> tuple[str, list]:
     """Train ``arm`` from ``start_path``; returns (checkpoint path, the trainer's log history).
 
     A finished arm (its checkpoint and log written) is reused, so a killed demo resumes where it stopped.
     ``quiet`` prints a line per logging step instead of a progress bar. ``eval_every`` > 0 evaluates
-    ``eval_problems`` every that many steps (:class:`HeldOutAccuracy`).
+    ``eval_problems`` every that many steps (:class:`HeldOutAccuracy`); ``logging_steps`` overrides the arm's.
     """
     out_dir = Path(out_dir) / arm.name
     if (out_dir / "log_history.json").exists():
         return str(out_dir), json.loads((out_dir / "log_history.json").read_text())
     model, tokenizer = load(start_path)
     values = {**WORLD_TRAINING_DEFAULTS, "max_steps": max_steps, "seed": seed, "disable_tqdm": quiet, **arm.overrides}
+    if logging_steps:
+        values["logging_steps"] = logging_steps
     config_class, trainer_class, extra = OPSDConfig, OPSDTrainer, {}
     if arm.unified:
         config_class, trainer_class, extra = UnifiedConfig, UnifiedTrainer, {"reward_funcs": [math_answer_reward]}
@@ -212,7 +215,7 @@ def no_hint_correctness(path: str, problems: list[Problem], batch_size: int = 12
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m harness.world.arms ARM[,ARM...] STEPS [OUT] [--eval-every N] [--pairwise]``: train arms from the warm
+    """``python -m harness.world.arms ARM[,ARM...] STEPS [OUT] [--eval-every N] [--logging-steps N] [--pairwise]``: train arms from the warm
     start and print, per arm, held-out no-hint accuracy on 300 paired test problems with its Wilson CI and exact
     McNemar p against the start; ``--pairwise`` adds McNemar between every two arms; ``--eval-every N`` logs
     no-hint accuracy on 200 other held-out problems every N steps into the arm's log history."""
@@ -228,6 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("steps", type=int)
     parser.add_argument("out_dir", nargs="?", default="runs/arms")
     parser.add_argument("--eval-every", type=int, default=0)
+    parser.add_argument("--logging-steps", type=int, default=None)
     parser.add_argument("--pairwise", action="store_true")
     options = parser.parse_args(argv)
     world = warm_start()
@@ -241,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
         started = time.perf_counter()
         path, history = train_arm(
             arm_by_name(name), world.path, options.out_dir, options.steps, eval_every=options.eval_every,
-            eval_problems=check_problems,
+            eval_problems=check_problems, logging_steps=options.logging_steps,
         )
         after = results[name] = no_hint_correctness(path, problems)
         test = mcnemar_test(start, after)
