@@ -76,7 +76,7 @@ class OPSDConfig(GKDConfig):
             are kept, so a position's value can be negative; entries above the cap give no gradient. With
             `divergence="topk"` each of the k + 1 bucket terms is capped (the tail bucket as one term).
         sampled_ratio_cap (`float`, defaults to `2.0`): cap on the importance ratio of the sampled-token loss.
-        collapse_guard (`str`, defaults to `"warn"`): watch the logged metrics for the signs that precede a
+        collapse_guard (`str`, defaults to `"warn"`): watch every step's metrics for the signs that precede a
             collapse (`trl_opsd.collapse.CollapseGuard`): `"warn"` logs a warning with the evidence, `"stop"` also
             stops training and names the last healthy checkpoint, `"off"` does neither.
         nonfinite_loss (`str`, defaults to `"raise"`): a non-finite loss stops training with a message naming

@@ -9,11 +9,13 @@ from .losses import PointwiseClipped
 
 @torch.no_grad()
 def divergence_statistics(divergence: torch.Tensor, mask: torch.Tensor, cap: float | None = None) -> dict[str, float]:
-    """Mean, p50, p99, max, max/mean, top-5% share of the total, and fraction above ``cap``.
+    """Mean, p50, p99, max, max/mean, top-5% share of the total, and what a per-token ``cap`` clips.
 
     A max/mean ratio far above 1 and a large top-5% share mean the signal sits on a few "pivot"
     tokens, the regime in which unclipped self-distillation is unstable. ``clipped_fraction`` is the fraction of
-    positions above a per-token ``cap`` (the pointwise clip's own figures: :func:`pointwise_clip_statistics`).
+    positions above a per-token ``cap`` and ``clipped_mass_share`` the share of the divergence above it
+    (``sum max(d - cap, 0) / sum d``, what ``clamp`` and ``scale`` take out of the loss's value); the pointwise clip's
+    own figures: :func:`pointwise_clip_statistics`.
     """
     values = divergence.detach()[mask.bool()].float()
     if values.numel() == 0:
@@ -32,6 +34,7 @@ def divergence_statistics(divergence: torch.Tensor, mask: torch.Tensor, cap: flo
     }
     if cap is not None:
         stats["clipped_fraction"] = (values > cap).float().mean().item()
+        stats["clipped_mass_share"] = ((values - cap).clamp(min=0).sum() / total).item() if total > 0 else 0.0
     return stats
 
 

@@ -174,7 +174,8 @@ class OPSDTrainer(GKDTrainer):
         )
         self._vllm_synced_step = -1
         if args.collapse_guard != "off":
-            self.add_callback(CollapseGuard(args.collapse_guard, max_completion_length=args.max_new_tokens))
+            self.add_callback(CollapseGuard(args.collapse_guard, max_completion_length=args.max_new_tokens,
+                                            step_metrics=lambda: self._metrics["train"]))
 
     # -- construction ---------------------------------------------------------------------------
     def _build_teacher(self, teacher_model, teacher_processing_class):
