@@ -43,6 +43,7 @@ FULL_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytor
 class EvalSetupError(ValueError):
     """``trl-opsd eval`` cannot turn the given model arguments into a model lm-eval can load."""
 
+
 def _option_name(token: str, name: str) -> bool:
     """Whether ``token`` (before any ``=``) spells option ``name``, including the unambiguous prefixes
     argparse accepts (``--include``, ``--task``)."""
