@@ -16,7 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "geometry": ("harness.world.geometry", "OPD-vs-OPSD per-token divergence geometry on the arithmetic world"),
     "rs-sft": ("harness.world.rs_sft", "rejection-sampling SFT data: sample K, verify and/or PRM-filter, write + report"),
     "prm-calibrate": ("harness.world.prm_calibration", "calibrate PRM judges against the verifier (AUROC, Spearman)"),
-    "doctor": ("harness.doctor", "preflight: torch/CUDA, bitsandbytes, DeepSpeed, vLLM, tokenizer match"),
+    "doctor": ("harness.doctor", "preflight: torch/CUDA, bitsandbytes, DeepSpeed, vLLM, student vs teacher tokenizers"),
 }
 # name -> (recipe module with `main(argv) -> int`, one-line help). A recipe parses its own arguments
 # (TRL's dataclasses and a --config YAML or shipped config name): `trl-opsd opsd --help` lists them.

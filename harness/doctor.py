@@ -4,7 +4,10 @@ It reports the torch build and the device and dtype runs will use, the GPUs and 
 bitsandbytes (import, a real 4-bit layer on the device, and transformers' ``is_bitsandbytes_available()``
 verdict, whose ``lru_cache`` goes stale when bitsandbytes is installed into a running process),
 DeepSpeed and vLLM, and, given ``--student`` and ``--teacher``, whether their tokenizers map text to the
-same ids (per-token divergences are undefined otherwise).
+same ids (per-token divergences are undefined otherwise). Given ``--student`` alone (OPSD: the student is its
+own teacher) it checks what a self-teacher run needs of the student's tokenizer instead: a chat template
+that renders a conversation with a generation prompt, the pad token, and the teacher's view (the prompt
+with the privileged context the self-teacher is given, through the same templates as ``OPSDConfig``).
 
 Every problem names its cause and its fix. By default only what every run needs can fail, so a
 CPU-only laptop passes; ``--require-gpu``, ``--require-4bit``, ``--require-deepspeed``, ``--require-vllm``
@@ -20,6 +23,8 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from importlib import metadata
+
+from trl_opsd.prompts import DEFAULT_ANSWER_CONTEXT_TEMPLATE, DEFAULT_TEACHER_PROMPT_TEMPLATE
 
 SEED_MIN_BITSANDBYTES = "0.43.1"  # the seed notebook's pin (section 0)
 GIB = 1024**3
@@ -165,9 +170,11 @@ def check_vllm(require: bool) -> Check:
 def check_tokenizer_match(student: str | None, teacher: str | None) -> Check | None:
     if student is None and teacher is None:
         return None
-    if student is None or teacher is None:
-        return Check("tokenizers", "fail", "one tokenizer given", "the match needs both --student and --teacher",
-                     "pass both paths (or hub ids)")
+    if student is None:
+        return Check("tokenizers", "fail", "--teacher without --student", "the match needs the student too",
+                     "pass --student (alone it checks a self-teacher run)")
+    if teacher is None:
+        return None  # a self-teacher run: check_self_teacher
     from transformers import AutoTokenizer
 
     from trl_opsd.teachers.local import check_same_tokenizer
@@ -190,9 +197,93 @@ def check_tokenizer_match(student: str | None, teacher: str | None) -> Check | N
     return Check("tokenizers", "ok", f"{student} and {teacher} map text to the same ids ({size} tokens)")
 
 
+SAMPLE_CHAT = [{"role": "user", "content": "Tom has 3 apples and buys 4 more. How many apples does he have?"}]
+SAMPLE_ANSWER = "7"
+
+
+def check_self_teacher(student: str, answer_context_template: str = DEFAULT_ANSWER_CONTEXT_TEMPLATE,
+                       teacher_prompt_template: str = DEFAULT_TEACHER_PROMPT_TEMPLATE) -> list[Check]:
+    """OPSD's self-teacher run: the student's chat template, pad token, and the teacher's privileged view."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(student)
+    except Exception as error:
+        return [Check("student_tokenizer", "fail", f"cannot load the student tokenizer {student!r}",
+                      f"{type(error).__name__}: {error}",
+                      "check the path; offline (HF_HUB_OFFLINE=1) only local folders and cached hub models load")]
+    return [_chat_template_check(tokenizer), _pad_token_check(tokenizer),
+            _privileged_view_check(tokenizer, answer_context_template, teacher_prompt_template)]
+
+
+def _render(tokenizer, chat: list[dict], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(chat, add_generation_prompt=add_generation_prompt, tokenize=False)
+
+
+def _chat_template_check(tokenizer) -> Check:
+    fix = ("use the instruct/chat variant of the model, or set tokenizer.chat_template (and save it with the "
+           "tokenizer) before training; rows with 'messages' are rendered with it")
+    if not tokenizer.chat_template:
+        return Check("chat_template", "fail", "the student tokenizer has no chat template",
+                     "chat rows ('messages') cannot be rendered: apply_chat_template raises", fix)
+    try:
+        prompt = _render(tokenizer, SAMPLE_CHAT, add_generation_prompt=True)
+        bare = _render(tokenizer, SAMPLE_CHAT, add_generation_prompt=False)
+        replied = _render(tokenizer, [*SAMPLE_CHAT, {"role": "assistant", "content": SAMPLE_ANSWER}], False)
+    except Exception as error:
+        return Check("chat_template", "fail", "the chat template does not render a user turn",
+                     f"{type(error).__name__}: {error}", fix)
+    if prompt == bare:
+        return Check("chat_template", "warn", "add_generation_prompt=True adds nothing",
+                     "rollouts start right after the user turn, without the template's assistant header",
+                     "use a template that writes the assistant header under add_generation_prompt")
+    if not replied.startswith(prompt):
+        return Check("chat_template", "warn", "the generation prompt is not a prefix of the rendered reply",
+                     "rows with a dataset completion (off-policy, SFT) are refused by the collator",
+                     "use a template whose generation prompt equals the start of its assistant turn")
+    header = prompt[len(bare):]
+    return Check("chat_template", "ok", f"renders a user turn; add_generation_prompt appends {header!r}")
+
+
+def _pad_token_check(tokenizer) -> Check:
+    if tokenizer.pad_token is None:
+        return Check("pad_token", "warn", "the student tokenizer has no pad token",
+                     "OPSDCollator refuses a tokenizer without one",
+                     "nothing to do with the recipes: they set pad_token = eos_token (TRL's convention); when you "
+                     "build OPSDTrainer yourself, set tokenizer.pad_token first")
+    if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        return Check("pad_token", "ok", f"pad token = EOS {tokenizer.eos_token!r}: fine for OPSDTrainer, which ends "
+                     "completion masks at the first EOS (kept) and masks prompts by attention mask, never by pad id")
+    return Check("pad_token", "ok", f"pad token {tokenizer.pad_token!r} (id {tokenizer.pad_token_id}), distinct from "
+                 f"EOS {tokenizer.eos_token!r}")
+
+
+def _privileged_view_check(tokenizer, answer_context_template: str, teacher_prompt_template: str) -> Check:
+    from trl_opsd.prompts import check_templates, insert_privileged_context
+
+    name = "self_teacher_view"
+    try:
+        check_templates(teacher_prompt_template, answer_context_template, "answer")
+        context = answer_context_template.format(answer=SAMPLE_ANSWER)
+        teacher_chat = insert_privileged_context(SAMPLE_CHAT, context, teacher_prompt_template)
+        student_ids = tokenizer(_render(tokenizer, SAMPLE_CHAT, True), add_special_tokens=False)["input_ids"]
+        teacher_text = _render(tokenizer, teacher_chat, True)
+    except Exception as error:
+        return Check(name, "fail", "the self-teacher's prompt cannot be built", f"{type(error).__name__}: {error}",
+                     "fix teacher_prompt_template / answer_context_template (placeholders {prompt}, "
+                     "{privileged_context}; {answer})")
+    teacher_ids = tokenizer(teacher_text, add_special_tokens=False)["input_ids"]
+    if context not in teacher_text or len(teacher_ids) <= len(student_ids):
+        return Check(name, "fail", "the rendered teacher prompt does not carry the privileged context",
+                     "the chat template drops or rewrites the user turn's text",
+                     "use a template that renders message content verbatim, or give rows teacher_messages")
+    return Check(name, "ok", f"the teacher sees the user turn + {context!r} (+{len(teacher_ids) - len(student_ids)} "
+                 "tokens; privileged_from='answer', with OPSDConfig's templates unless others are passed)")
+
+
 def run_checks(require_gpu: bool = False, require_4bit: bool = False, require_deepspeed: bool = False,
                require_vllm: bool = False, min_vram_gb: float | None = None, student: str | None = None,
-               teacher: str | None = None) -> list[Check]:
+               teacher: str | None = None, templates: dict[str, str] | None = None) -> list[Check]:
     checks = [
         check_torch(),
         check_gpu(require_gpu, min_vram_gb),
@@ -201,6 +292,7 @@ def run_checks(require_gpu: bool = False, require_4bit: bool = False, require_de
         check_deepspeed(require_deepspeed),
         check_vllm(require_vllm),
         check_tokenizer_match(student, teacher),
+        *(check_self_teacher(student, **(templates or {})) if student is not None and teacher is None else []),
     ]
     return [check for check in checks if check is not None]
 
@@ -227,12 +319,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--require-vllm", action="store_true", help="fail unless vLLM is installed")
     parser.add_argument("--min-vram-gb", type=float, default=None, help="fail unless a GPU has at least this much")
     parser.add_argument("--student", default=None, help="student model/tokenizer path or hub id")
-    parser.add_argument("--teacher", default=None, help="teacher model/tokenizer path or hub id")
+    parser.add_argument("--teacher", default=None, help="teacher model/tokenizer path or hub id (none: OPSD's "
+                        "self-teacher; the student's chat template, pad token and privileged view are checked)")
+    parser.add_argument("--answer-context-template", default=DEFAULT_ANSWER_CONTEXT_TEMPLATE,
+                        help="self-teacher: OPSDConfig.answer_context_template to check")
+    parser.add_argument("--teacher-prompt-template", default=DEFAULT_TEACHER_PROMPT_TEMPLATE,
+                        help="self-teacher: OPSDConfig.teacher_prompt_template to check")
     parser.add_argument("--json", action="store_true", help="print the checks as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
     checks = run_checks(args.require_gpu, args.require_4bit, args.require_deepspeed, args.require_vllm,
-                        args.min_vram_gb, args.student, args.teacher)
+                        args.min_vram_gb, args.student, args.teacher,
+                        {"answer_context_template": args.answer_context_template,
+                         "teacher_prompt_template": args.teacher_prompt_template})
     print(json.dumps([asdict(c) for c in checks], indent=2) if args.json else render(checks))
     return 1 if any(c.status == "fail" for c in checks) else 0

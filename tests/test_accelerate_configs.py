@@ -13,7 +13,7 @@ import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
-from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env, prepare_simple_launcher_cmd_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,6 +22,7 @@ from harness.recipes import launch_env
 CONFIGS = REPO / "accelerate_configs"
 EXPECTED = {  # file -> (distributed type, processes, mixed_precision in the file)
     "cpu_ddp": (DistributedType.MULTI_GPU, 2, "no"),
+    "cpu_single": (DistributedType.NO, 1, "no"),
     "single_gpu": (DistributedType.NO, 1, "bf16"),
     "multi_gpu": (DistributedType.MULTI_GPU, 8, "bf16"),
     "deepspeed_zero2": (DistributedType.DEEPSPEED, 8, "bf16"),
@@ -39,8 +40,10 @@ def launched_environment(name: str, monkeypatch) -> tuple:
         fields = list(defaults.deepspeed_config) + (["mixed_precision"] if mixed_precision_from_config else [])
         args.deepspeed_fields_from_accelerate_config = ",".join(fields)
         _, env = prepare_deepspeed_cmd_env(args)
-    else:
+    elif args.multi_gpu or args.use_fsdp:
         env = prepare_multi_gpu_env(args)
+    else:  # launch_command's last branch: the simple launcher (one process, no torchrun)
+        _, env = prepare_simple_launcher_cmd_env(args)
     for key, value in env.items():
         if key.startswith(("ACCELERATE_", "FSDP_")):
             monkeypatch.setenv(key, value)
@@ -67,6 +70,21 @@ def test_cpu_ddp_starts_two_processes_through_torchrun_and_stays_on_cpu(monkeypa
     assert args.multi_gpu and not args.cpu and args.use_cpu
     assert int(args.nproc_per_node) == 2
     assert launch_env.required_overrides(launch_env.from_environment(), has_accelerator=False) == {"use_cpu": True}
+
+
+def test_cpu_single_takes_the_simple_launcher_and_is_labelled_as_launched(monkeypatch):
+    """One `accelerate launch` process on CPU: no torchrun, no LOCAL_RANK, yet the plan must not call it
+    "not launched by accelerate" (the simple launcher's own variables say it was)."""
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND", raising=False)
+    assert launch_env.from_environment().source == "single process (not launched by accelerate)"
+    args, env = launched_environment("cpu_single", monkeypatch)
+    assert not args.multi_gpu and args.use_cpu and "LOCAL_RANK" not in env and env["ACCELERATE_USE_CPU"] == "True"
+    setup = launch_env.from_environment()
+    assert (setup.source, setup.distributed, setup.num_processes) == ("accelerate launch environment", "none", 1)
+    assert setup.cpu_requested and setup.mixed_precision == "no"
+    assert launch_env.required_overrides(setup, has_accelerator=False) == {"use_cpu": True}
 
 
 @pytest.mark.parametrize("name", ["deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero2_cpu"])

@@ -90,6 +90,53 @@ def test_tokenizer_match_of_student_and_teacher(tmp_path, tiny_tokenizer, capsys
     assert mismatch.status == "fail" and "vocabularies differ" in mismatch.cause and "same token ids" in mismatch.fix
     assert main(["doctor", "--student", student, "--teacher", str(tmp_path / "other")]) == 1
     assert "[fail] tokenizers" in capsys.readouterr().out
-    assert doctor.check_tokenizer_match(student, None).status == "fail"
+    assert doctor.check_tokenizer_match(student, None) is None  # student alone: the self-teacher checks instead
+    assert doctor.check_tokenizer_match(None, student).status == "fail"
     missing = doctor.check_tokenizer_match(student, str(tmp_path / "nowhere"))
     assert missing.status == "fail" and "cannot load the teacher tokenizer" in missing.detail
+
+
+def test_student_alone_is_a_self_teacher_run_that_passes_and_checks_the_template_pad_and_view(
+        tmp_path, tiny_tokenizer, capsys):
+    """OPSD has no separate teacher: `doctor --student M` must not fail for want of --teacher."""
+    tiny_tokenizer.save_pretrained(tmp_path / "student")
+    student = str(tmp_path / "student")
+    assert main(["doctor", "--student", student]) == 0
+    out = capsys.readouterr().out
+    assert "tokenizers" not in out and "result: 0 failure(s)" in out
+    checks = by_name(doctor.check_self_teacher(student))
+    assert checks["chat_template"].status == "ok" and "<|im_start|>assistant" in checks["chat_template"].detail
+    assert checks["pad_token"].status == "ok" and "distinct from EOS" in checks["pad_token"].detail
+    view = checks["self_teacher_view"]
+    assert view.status == "ok" and "'The final answer is 7.'" in view.detail
+    assert main(["doctor", "--teacher", student]) == 1  # a teacher without a student is still a mistake
+
+
+def test_self_teacher_problems_are_named(tmp_path, tiny_tokenizer):
+    tokenizer = tiny_tokenizer
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.save_pretrained(tmp_path / "pad_is_eos")
+    pad = by_name(doctor.check_self_teacher(str(tmp_path / "pad_is_eos")))["pad_token"]
+    assert pad.status == "ok" and "pad token = EOS" in pad.detail and "first EOS" in pad.detail
+
+    tokenizer.pad_token = None
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(tmp_path / "bare")
+    checks = by_name(doctor.check_self_teacher(str(tmp_path / "bare")))
+    assert checks["chat_template"].status == "fail" and "no chat template" in checks["chat_template"].detail
+    assert checks["pad_token"].status == "warn" and "pad_token = eos_token" in checks["pad_token"].fix
+    assert checks["self_teacher_view"].status == "fail"
+    assert main(["doctor", "--student", str(tmp_path / "bare")]) == 1
+
+    # A template that ignores add_generation_prompt, and one that drops the user's text (the hint is lost).
+    tokenizer.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    tokenizer.save_pretrained(tmp_path / "no_header")
+    no_header = by_name(doctor.check_self_teacher(str(tmp_path / "no_header")))["chat_template"]
+    assert no_header.status == "warn" and "adds nothing" in no_header.detail
+    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n<|im_end|>\n{% endfor %}"
+                               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tokenizer.save_pretrained(tmp_path / "drops_text")
+    view = by_name(doctor.check_self_teacher(str(tmp_path / "drops_text")))["self_teacher_view"]
+    assert view.status == "fail" and "does not carry the privileged context" in view.detail
+    bad = doctor.check_self_teacher(str(tmp_path / "drops_text"), teacher_prompt_template="{prompt} {hint}")
+    assert by_name(bad)["self_teacher_view"].status == "fail" and "{hint}" in by_name(bad)["self_teacher_view"].cause

@@ -166,6 +166,44 @@ def test_gsm8k_file_problems_name_the_file_line_and_field(tmp_path):
         task_utils.load_gsm8k(data_file=str(no_final))
 
 
+def test_one_file_serves_training_and_the_eval_tasks_in_either_format(tmp_path):
+    """Training reads GSM8K rows (data_sources converts them); the eval tasks read training rows (plain-number
+    ``answer`` + ``messages``): both directions give the same problems with the same answers."""
+    from harness.recipes import data_sources
+
+    gsm8k_file = write_jsonl(tmp_path / "gsm8k.jsonl", GSM8K_ROWS)
+    from_gsm8k = list(task_utils.load_gsm8k(data_file=str(gsm8k_file))["test"])
+    for with_solution in (True, False):
+        training = data_sources.load_rows(data_sources.resolve_source(str(gsm8k_file), "train"),
+                                          with_solution=with_solution)
+        assert [row["answer"] for row in training] == ["18", "3", "1200"]  # GSM8K -> training: plain numbers
+        training_file = write_jsonl(tmp_path / f"train_{with_solution}.jsonl", list(training))
+        from_training = list(task_utils.load_gsm8k(data_file=str(training_file))["test"])  # training -> eval
+        if with_solution:  # the worked solution rides along as the assistant turn: identical documents
+            assert from_training == from_gsm8k
+        else:
+            assert [{**doc, "solution": "", "difficulty": 0} for doc in from_gsm8k] == from_training
+    # The arithmetic world's training rows (numbers as strings, a difficulty field) read as the bundled task docs.
+    problems = world_arithmetic.generate_problems(5, split="test", seed=world_arithmetic.TASK_SEED)
+    world_file = write_jsonl(tmp_path / "world.jsonl", world_arithmetic.problems_to_rows(problems, with_solution=True))
+    docs = list(task_utils.load_gsm8k(data_file=str(world_file))["test"])
+    assert docs == [{k: row[k] for k in task_utils.DOC_FIELDS} for row in bundled_docs()[:5]]
+    # A numeric JSON answer and a plain-text prompt are read too.
+    numeric = write_jsonl(tmp_path / "numeric.jsonl", [{"prompt": "What is 2+2?", "answer": 4}])
+    assert list(task_utils.load_gsm8k(data_file=str(numeric))["test"]) == [
+        {"question": "What is 2+2?", "solution": "", "answer": "4", "difficulty": 0}]
+
+
+def test_training_format_problems_name_the_line_and_field(tmp_path):
+    two_users = {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "answer": "1"}
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "q"}], "answer": 1}, two_users])
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: field 'messages' must hold exactly one user turn"):
+        task_utils.load_gsm8k(data_file=str(bad))
+    words = write_jsonl(tmp_path / "words.jsonl", [{"messages": [{"role": "user", "content": "q"}], "answer": "four"}])
+    with pytest.raises(ValueError, match=r"words.jsonl:1: field 'answer' has no final .* not a plain number"):
+        task_utils.load_gsm8k(data_file=str(words))
+
+
 def test_gsm8k_without_data_file_or_hub_says_how_to_pass_a_file(monkeypatch):
     import datasets
 

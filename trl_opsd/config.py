@@ -120,6 +120,13 @@ class OPSDConfig(GKDConfig):
         vllm_max_model_length (`int` or `None`, defaults to `None`): colocate: context length (prompt +
             completion); `None` reads it from the model config.
         vllm_tensor_parallel_size (`int`, defaults to `1`): colocate: tensor-parallel ranks per engine.
+
+    Logging:
+        log_completions (`bool`, defaults to `False`): TRL's knob (`GRPOConfig`, `DistillationConfig`): print a
+            sample of the latest window's prompts and completions (with the teacher's prompt where it differs) at
+            every logging step, and at the first and last step, and append them to `<output_dir>/completions.jsonl`.
+        num_completions_to_print (`int` or `None`, defaults to `None`): how many to print (`None`: all); the file
+            gets all.
     """
 
     lmbda: float = field(default=1.0, metadata={"help": "Fraction of steps trained on the student's own samples."})
@@ -173,6 +180,15 @@ class OPSDConfig(GKDConfig):
     vllm_max_model_length: int | None = field(default=None, metadata={"help": "Colocate: max prompt + completion."})
     vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "Colocate: tensor-parallel size."})
 
+    log_completions: bool = field(
+        default=False,
+        metadata={"help": "Log a sample of (prompt, completion, teacher prompt) at the first, the last and every "
+                          "logging step: printed (a rich table if rich is installed) and in output_dir/completions.jsonl."},
+    )
+    num_completions_to_print: int | None = field(
+        default=None, metadata={"help": "Completions printed per log (None: all); the file gets all."}
+    )
+
     def __post_init__(self):
         check_finite_floats(self)  # before GKD's range checks, which NaN passes (every comparison is False)
         super().__post_init__()
@@ -213,6 +229,9 @@ class OPSDConfig(GKDConfig):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be a positive number of tokens or None, got {value}")
+        if self.num_completions_to_print is not None and self.num_completions_to_print < 1:
+            raise ValueError(f"num_completions_to_print must be at least 1 or None (all), got "
+                             f"{self.num_completions_to_print}")
         if self.vllm_tensor_parallel_size < 1:
             raise ValueError(f"vllm_tensor_parallel_size must be at least 1, got {self.vllm_tensor_parallel_size}")
         # UnifiedConfig's "auto" resolves to the answer column (self-teacher) or to None.

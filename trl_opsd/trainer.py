@@ -31,6 +31,7 @@ import random
 from collections.abc import Callable
 
 import torch
+from accelerate.utils import gather_object
 from datasets import Dataset, IterableDataset
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -42,6 +43,7 @@ from trl.trainer.utils import disable_dropout_in_model
 
 from trl_opsd.collapse import CollapseGuard
 from trl_opsd.collator import OPSDCollator, as_opsd_batch, gkd_sequences, validate_dataset
+from trl_opsd.completion_log import CompletionLog, LogFirstAndLastStep, window_records
 from trl_opsd.config import OPSDConfig, as_config
 from trl_opsd.forward import (
     HeadInputs,
@@ -176,6 +178,10 @@ class OPSDTrainer(GKDTrainer):
         if args.collapse_guard != "off":
             self.add_callback(CollapseGuard(args.collapse_guard, max_completion_length=args.max_new_tokens,
                                             step_metrics=lambda: self._metrics["train"]))
+        self._completion_log = None
+        if args.log_completions:
+            self._completion_log = CompletionLog(args.output_dir, args.num_completions_to_print)
+            self.add_callback(LogFirstAndLastStep())
 
     # -- construction ---------------------------------------------------------------------------
     def _build_teacher(self, teacher_model, teacher_processing_class):
@@ -268,7 +274,14 @@ class OPSDTrainer(GKDTrainer):
                 self._generate_completions(batch, source)
         for batch in batches:
             batch["completion_source"] = source
+        if self._completion_log is not None:
+            self._completion_log.update(gather_object(window_records(self.processing_class, batches)))
         return batches
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        super().log(logs, start_time)
+        if self._completion_log is not None and self.accelerator.is_main_process and self.model.training:
+            self._completion_log.write(self.state.global_step)
 
     def _generate_completions(self, batch: dict, source: str) -> None:
         """Sample ``batch``'s completions with ``transformers`` (student or teacher), or check the dataset's."""

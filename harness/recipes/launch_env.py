@@ -55,11 +55,18 @@ def accelerator_available() -> bool:
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
+def launched_by_accelerate() -> bool:
+    """Whether a launcher started this process: torchrun (and accelerate's multi-process launchers) set
+    ``LOCAL_RANK``; accelerate's simple launcher, which a one-process ``accelerate launch`` takes, sets no
+    rank but always sets ``ACCELERATE_MIXED_PRECISION`` and ``ACCELERATE_DYNAMO_BACKEND``."""
+    return "LOCAL_RANK" in os.environ or "ACCELERATE_DYNAMO_BACKEND" in os.environ
+
+
 def from_environment() -> LaunchSetup:
     """The setup ``accelerate launch`` (or torchrun) put in this process's environment."""
     num_processes = int(os.environ.get("WORLD_SIZE", "1"))
     mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    launched = "LOCAL_RANK" in os.environ or num_processes > 1
+    launched = launched_by_accelerate() or num_processes > 1
     source = "accelerate launch environment" if launched else "single process (not launched by accelerate)"
     if _flag("ACCELERATE_USE_DEEPSPEED"):
         stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")

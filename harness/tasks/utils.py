@@ -9,8 +9,9 @@ Data:
 
 - ``opsd_arith``: the arithmetic world's test split, shipped as ``data/arith_test.jsonl`` (written by
   ``harness.world.arithmetic.write_task_data``; a test keeps the file equal to the generator's output).
-- ``opsd_gsm8k*``: a local file named with ``--metadata data_file=/abs/path.jsonl`` (GSM8K's own
-  ``question``/``answer`` rows, JSONL or parquet), else ``openai/gsm8k`` (config ``main``, split ``test``)
+- ``opsd_gsm8k*``: a local file named with ``--metadata data_file=/abs/path.jsonl`` (JSONL or parquet;
+  GSM8K's own ``question``/``answer`` rows or the training format's ``messages``/``answer`` rows, see
+  :func:`gsm8k_doc`), else ``openai/gsm8k`` (config ``main``, split ``test``)
   from the hub. lm-eval 0.4.13 calls a task's ``custom_dataset`` with the run's metadata merged with the
   model arguments (``TaskConfig.custom_dataset(**metadata, **dataset_kwargs)``), so the loaders take
   ``**_run_metadata`` and read only their own key. A relative ``data_file`` is refused: it would resolve
@@ -64,17 +65,61 @@ def load_arith(**_run_metadata) -> DatasetDict:
     return DatasetDict({"test": Dataset.from_list(rows)})
 
 
+def _training_question(row: dict, where: str) -> str:
+    """The user turn of a training-contract row (``messages``, or ``prompt`` as messages or text)."""
+    prompt = row.get("messages", row.get("prompt"))
+    if isinstance(prompt, str) and prompt.strip():
+        return prompt
+    turns = prompt if isinstance(prompt, list) else []
+    users = [t.get("content") for t in turns if isinstance(t, dict) and t.get("role") == "user"]
+    if len(users) != 1 or not isinstance(users[0], str) or not users[0].strip():
+        field = "messages" if "messages" in row else "prompt"
+        raise ValueError(f"{where}: field {field!r} must hold exactly one user turn with text (the question); "
+                         f"got {len(users)} user turns")
+    return users[0]
+
+
+def _training_solution(row: dict) -> str:
+    """The worked solution a row with a plain-number answer carries, if any: its ``solution`` field, else
+    its assistant turn (the recipes' ``with_solution`` rows)."""
+    if isinstance(row.get("solution"), str):
+        return row["solution"]
+    turns = row.get("messages") if isinstance(row.get("messages"), list) else []
+    replies = [t.get("content") for t in turns if isinstance(t, dict) and t.get("role") == "assistant"]
+    return replies[-1] if replies and isinstance(replies[-1], str) else ""
+
+
 def gsm8k_doc(row: dict, where: str) -> dict:
-    """One GSM8K row (``question``, ``answer`` = worked solution ending in ``#### N``) as a task document."""
-    for field in ("question", "answer"):
-        if not isinstance(row.get(field), str) or not row[field].strip():
-            raise ValueError(f"{where}: field {field!r} is missing or not a non-empty string")
-    final = _FINAL_LINE.findall(row["answer"])
-    answer = normalize_number(final[-1]) if final else None
+    """One row as a task document. Two row formats are read, so one file serves training and evaluation:
+
+    - GSM8K's: ``question`` + ``answer`` (the worked solution, ending in a ``#### N`` line);
+    - the training contract's (:mod:`harness.recipes.data_sources`): ``messages`` (or ``prompt``) with one
+      user turn + ``answer`` (the final number, as a string or a number), optionally the worked solution
+      (a ``solution`` field or an assistant turn) and a ``difficulty``. Without a solution or ``difficulty`` field the document's
+      difficulty is 0 (unknown), and ``trl-opsd compare``'s difficulty buckets say nothing.
+    """
+    contract = "question" not in row and ("messages" in row or "prompt" in row)
+    question = _training_question(row, where) if contract else row.get("question")
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"{where}: field 'question' is missing or not a non-empty string (or give the training "
+                         "format's 'messages' with one user turn)")
+    value = row.get("answer")
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or not str(value).strip():
+        raise ValueError(f"{where}: field 'answer' is missing or not a non-empty string or number")
+    final = _FINAL_LINE.findall(value) if isinstance(value, str) else []
+    if final:  # GSM8K: the worked solution, final line "#### N"
+        solution, answer = value, normalize_number(final[-1])
+    else:  # the training contract: the final number itself
+        solution, answer = _training_solution(row), normalize_number(str(value))
+        if answer is None:
+            raise ValueError(f"{where}: field 'answer' has no final '#### <number>' line (GSM8K format) and is not "
+                             f"a plain number (training format): ...{str(value)[-60:]!r}")
     if answer is None:
-        raise ValueError(f"{where}: field 'answer' has no final '#### <number>' line (GSM8K format)")
-    return {"question": row["question"], "solution": row["answer"], "answer": answer,
-            "difficulty": solution_steps(row["answer"])}
+        raise ValueError(f"{where}: field 'answer' ends in a '####' line without a number")
+    difficulty = row.get("difficulty")
+    if isinstance(difficulty, bool) or not isinstance(difficulty, int):
+        difficulty = solution_steps(solution) if solution else 0
+    return {"question": question, "solution": solution, "answer": answer, "difficulty": difficulty}
 
 
 def resolve_data_file(data_file: str, task: str) -> Path:
@@ -105,7 +150,8 @@ def _read_rows(path: Path) -> list[tuple[str, dict]]:
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object with 'question' and 'answer'")
+                raise ValueError(f"{path}:{number}: expected a JSON object with 'question' (or 'messages') and "
+                                 "'answer'")
             rows.append((f"{path}:{number}", row))
     if not rows:
         raise ValueError(f"{path}: no rows")
