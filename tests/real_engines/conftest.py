@@ -11,13 +11,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from vllm_server import VLLMServer, VLLMUnavailable, start_vllm_server, vllm_python
+from vllm_server import VLLMServer, VLLMUnavailable, running_server, start_vllm_server, vllm_python
 
 REQUIRE_ENV = "TRL_OPSD_REQUIRE_VLLM"
+RUNNING_ENV = "TRL_OPSD_VLLM_WORLD_URL"
 
 
-@pytest.fixture(scope="session")
-def vllm_env_python() -> str:
+def _vllm_python_or_skip() -> str:
     try:
         return vllm_python()
     except VLLMUnavailable as err:
@@ -36,8 +36,16 @@ def world_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def vllm_world(vllm_env_python, world_dir, tmp_path_factory) -> Iterator[VLLMServer]:
-    """A real vLLM server serving the shipped arithmetic world, for the whole session."""
+def vllm_world(world_dir, tmp_path_factory) -> Iterator[VLLMServer]:
+    """A real vLLM server serving the shipped arithmetic world, for the whole session.
+
+    ``TRL_OPSD_VLLM_WORLD_URL=http://127.0.0.1:<port>/v1`` uses a server you started yourself with the same
+    settings (``python tests/real_engines/vllm_server.py``; saves the minutes of start-up while developing).
+    """
+    if url := os.environ.get(RUNNING_ENV):
+        yield running_server(url.rstrip("/"), world_dir)
+        return
+    vllm_env_python = _vllm_python_or_skip()
     log = tmp_path_factory.mktemp("vllm-world") / "server.log"
     with start_vllm_server(world_dir, log, python=vllm_env_python) as server:
         yield server

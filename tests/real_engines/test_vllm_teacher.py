@@ -33,9 +33,9 @@ def batch(world):
     return scoring_batch(*world)
 
 
-def teacher_for(server, tokenizer, **kwargs) -> OpenAICompatTeacher:
+def teacher_for(vllm, tokenizer, **kwargs) -> OpenAICompatTeacher:
     kwargs.setdefault("timeout_s", 120.0)  # a loaded 2-core machine serves slowly
-    return OpenAICompatTeacher(server.base_url, server.model, student_tokenizer=tokenizer, **kwargs)
+    return OpenAICompatTeacher(vllm.base_url, vllm.model, student_tokenizer=tokenizer, **kwargs)
 
 
 @pytest.mark.parametrize("k", [1, 5, 20])
@@ -141,22 +141,25 @@ def test_rs_sft_samples_from_the_real_server_and_verifies_them(vllm_world, world
 
 
 def test_prm_judge_asks_the_real_server_and_reads_its_replies(vllm_world, world, tmp_path):
-    """The judge's chats reach vLLM and its replies come back as the model's greedy text. The world model was not
-    trained to judge, so it never writes the judge's reply format: the judge must say so (retried with the
-    corrective turn, then counted unjudged) rather than invent verdicts."""
+    """The judge's chats reach vLLM and come back as the model's greedy text. The world model was not trained to
+    judge, so its replies never follow the judge's format: the judge must say so (one corrective turn, then the
+    rollout is counted unjudged) rather than invent verdicts. (The default rubric alone is longer than the world
+    model's 512-token context: a short one.)"""
+    from harness.prm import judge_messages
+
     model, tokenizer = world
     problem = generate_problems(1, "validation")[0]
     steps = split_steps(problem.solution)
+    rubric = "Mark each step 1 if it is right and 0 if it is wrong."
     teacher = remote_teacher(vllm_world.base_url, vllm_world.model, "vllm", student_tokenizer=tokenizer)
-    judge = PRMJudge(teacher, cache=tmp_path / "judge.sqlite", max_tokens=24, max_retries=1)
+    judge = PRMJudge(teacher, rubric, cache=tmp_path / "judge.sqlite", max_tokens=24, max_retries=1)
     result = judge.judge(problem.question, steps)
-    from harness.prm import judge_messages
-
-    [first_reply] = greedy_texts(model, tokenizer, [judge_messages(judge.rubric, problem.question, steps)], 24)
-    assert not result.ok and result.failed == 1
-    assert judge.metrics() == {**judge.metrics(), "requests": 2, "retries": 1, "unjudged": 1}
+    assert not result.ok and result.failed_samples == 1
+    assert {k: judge.metrics()[k] for k in ("requests", "retries", "unjudged")} == {
+        "requests": 2, "retries": 1, "unjudged": 1}
     assert teacher.metrics()["requests"] == 2
-    assert first_reply  # the server's first reply was this text (compared through the generation test above)
+    [reply] = teacher.generate([judge_messages(rubric, problem.question, steps)], max_tokens=24, temperature=0.0)
+    assert reply.text == greedy_texts(model, tokenizer, [judge_messages(rubric, problem.question, steps)], 24)[0]
     teacher.close()
 
 

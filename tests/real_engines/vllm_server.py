@@ -114,6 +114,15 @@ def start_vllm_server(model_dir: str | os.PathLike, log_path: str | os.PathLike,
         _stop(process)
 
 
+def running_server(base_url: str, model_dir: str | os.PathLike) -> VLLMServer:
+    """A server started elsewhere, checked to serve ``model_dir``."""
+    model_dir = Path(model_dir).resolve()
+    models = _served_models(base_url)
+    if models != [str(model_dir)]:
+        raise RuntimeError(f"{base_url} serves {models}, expected [{str(model_dir)!r}]")
+    return VLLMServer(base_url, str(model_dir), model_dir, Path(os.devnull), -1)
+
+
 def _stop(process: subprocess.Popen) -> None:
     for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
         try:
@@ -130,3 +139,16 @@ def _stop(process: subprocess.Popen) -> None:
             continue
 
 
+
+
+if __name__ == "__main__":  # serve a model folder until interrupted: python vllm_server.py MODEL_DIR [LOG]
+    import sys
+
+    model, log = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "vllm-server.log"
+    with start_vllm_server(model, log) as server:
+        print(f"serving {server.model} at {server.base_url} (log {log}); Ctrl-C stops it", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
