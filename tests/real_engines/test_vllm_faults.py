@@ -96,8 +96,8 @@ def test_chat_generation_after_faults_equals_the_fault_free_text(vllm_world, wor
     chats_ = chats(3)
     direct = OpenAICompatTeacher(vllm_world.base_url, vllm_world.model, timeout_s=120.0)
     expected = [g.text for g in direct.generate(chats_, max_tokens=24, temperature=0.0)]
-    teacher = through(proxy, vllm_world, world[1])
-    proxy.inject("500", "reset", "wrong_shape", "truncate")
+    teacher = through(proxy, vllm_world, world[1], retry=RetryPolicy(max_retries=4, base_delay=0.0, max_delay=0.0))
+    proxy.inject("500", "reset", "wrong_shape", "truncate")  # all four on the first chat's request
     assert [g.text for g in teacher.generate(chats_, max_tokens=24, temperature=0.0)] == expected
     assert teacher.metrics()["retries"] == 4
     direct.close()
