@@ -124,29 +124,26 @@ def running_server(base_url: str, model_dir: str | os.PathLike) -> VLLMServer:
 
 
 def _stop(process: subprocess.Popen) -> None:
-    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(wait_s)
-            # the group may outlive its leader for a moment (engine core)
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
+    """SIGTERM (vLLM shuts its engine down), then SIGKILL to whatever of the group is left."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
 
 
 if __name__ == "__main__":  # serve a model folder until interrupted: python vllm_server.py MODEL_DIR [LOG]
     import sys
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the server too, not only Ctrl-C
     model, log = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "vllm-server.log"
     with start_vllm_server(model, log) as server:
-        print(f"serving {server.model} at {server.base_url} (log {log}); Ctrl-C stops it", flush=True)
+        print(f"serving {server.model} at {server.base_url} (log {log}); Ctrl-C or kill stops it", flush=True)
         try:
             while True:
                 time.sleep(3600)
