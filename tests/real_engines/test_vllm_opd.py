@@ -63,3 +63,27 @@ def test_opd_with_the_real_server_as_teacher_lowers_held_out_kl(vllm_world, tmp_
     logged = [row for row in trainer.state.log_history if "kl_mean" in row]
     assert logged and logged[-1]["teacher_requests"] > 0
     remote.close()
+
+
+def test_a_student_whose_tokenizer_differs_from_the_servers_is_stopped_at_the_first_step(vllm_world, tmp_path):
+    """The teacher's text probe runs on the first batch: training stops before any update on wrong ids."""
+    from harness.world.tiny import build_tokenizer
+    from trl_opsd.teachers import TokenizerMismatchError
+
+    _, served_tokenizer = load_model(vllm_world.model)
+    tokenizer = build_tokenizer(vocab_size=300)  # fewer BPE merges: the same text, other ids
+    tokenizer.chat_template = served_tokenizer.chat_template
+    student = build_tiny_model(tokenizer, seed=1)
+    remote = OpenAICompatTeacher(vllm_world.base_url, vllm_world.model, student_tokenizer=tokenizer, timeout_s=120.0)
+    args = OPSDConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2, max_new_tokens=8, report_to="none",
+        use_cpu=True, bf16=False, save_strategy="no", privileged_from=None, beta=0.0, divergence="topk",
+        teacher_top_k=5,
+    )
+    trainer = OPSDTrainer(model=student, teacher_model=remote, args=args,
+                          train_dataset=Dataset.from_list(problems_to_rows(generate_problems(4, "train"))),
+                          processing_class=tokenizer)
+    with pytest.raises(TokenizerMismatchError, match="does not tokenize like the student tokenizer"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and remote.metrics()["requests"] == 1
+    remote.close()

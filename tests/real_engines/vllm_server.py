@@ -96,6 +96,7 @@ def start_vllm_server(model_dir: str | os.PathLike, log_path: str | os.PathLike,
         "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),  # GiB; the default wants 4+
         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
         "PYTHONPATH": "",  # the project's packages must not shadow the venv's transformers
+        "PYTHONUNBUFFERED": "1",  # the log tail shown on a failed start must be current
     }
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
