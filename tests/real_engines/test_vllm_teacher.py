@@ -7,6 +7,7 @@ its format, its tokenization or its log-prob semantics shows up as a failure.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
 import pytest
@@ -118,8 +119,8 @@ def test_chat_generation_equals_in_process_greedy_generation(vllm_world, world):
 
 
 def test_rs_sft_samples_from_the_real_server_and_verifies_them(vllm_world, world, tmp_path):
-    """RS-SFT's teacher sampler over the real server: every sample is a worked solution the verifier can read, and
-    the hinted acceptance rate is the world model's (it solves most problems when given the answer)."""
+    """RS-SFT's teacher sampler over the real server (temperature 1): most samples end in an answer the verifier
+    reads, and most hinted prompts keep an accepted sample (the world solves most problems given the answer)."""
     from harness.world.arithmetic import hinted_messages
 
     _, tokenizer = world
@@ -131,8 +132,6 @@ def test_rs_sft_samples_from_the_real_server_and_verifies_them(vllm_world, world
                         progress=False, n_resamples=200)
     records = [line for line in (tmp_path / "samples.jsonl").read_text().splitlines() if line]
     assert len(records) == len(prompts)
-    import json
-
     texts = [c["text"] for r in map(json.loads, records) for c in r["completions"]]
     assert len(texts) == 2 * len(prompts)
     assert sum(extract_answer(t) is not None for t in texts) >= 0.8 * len(texts), texts
