@@ -8,12 +8,42 @@ from trl.trainer.utils import pad
 from trl_opsd.forward import unpadded_rows
 
 
+def _colocated_on_cpu(mode: str) -> bool:
+    if mode != "colocate":
+        return False
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:  # TRL's constructor reports the missing vLLM
+        return False
+    return current_platform.is_cpu()
+
+
+def _reloading_vllm_generation_class(base):
+    """``base`` (TRL's ``VLLMGeneration``) with a colocate weight sync that vLLM's CPU backend accepts.
+
+    TRL pushes each parameter through the model's ``load_weights``, which fails on CPU
+    (``AttributeError: 'Parameter' object has no attribute 'weight_loader'``): vLLM's CPU linear layers repack their
+    weights for oneDNN after loading and leave empty parameters behind. vLLM's in-place reload (the worker's
+    ``reload_weights``) restores the checkpoint layout, loads, and repacks."""
+
+    class ReloadingVLLMGeneration(base):
+        def sync_weights(self):
+            # In-process engine (external_launcher): the generator reaches the worker as is, and parameters are
+            # gathered one at a time as vLLM loads them.
+            self.llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=self._iter_named_params(),
+                                                                  is_checkpoint_format=True))
+            self.llm.reset_prefix_cache()
+
+    return ReloadingVLLMGeneration
+
+
 def vllm_generation(args, model, accelerator, processing_class):
     """TRL's vLLM backend (the one ``DistillationTrainer`` uses) for student rollouts, from ``args``' ``vllm_*`` knobs
     (an ``OPSDConfig``)."""
     from trl.generation.vllm_generation import VLLMGeneration
 
-    return VLLMGeneration(
+    backend = _reloading_vllm_generation_class(VLLMGeneration) if _colocated_on_cpu(args.vllm_mode) else VLLMGeneration
+    return backend(
         model=model,
         accelerator=accelerator,
         processing_class=processing_class,
