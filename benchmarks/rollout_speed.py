@@ -14,7 +14,9 @@ rollout path:
 - ``hf_static``: ``rollout_backend="hf_static"``, ``rollout_compile=True`` (static cache, compiled decode step; on
   CPU transformers would not compile by itself);
 - ``hf_static_eager``: ``rollout_backend="hf_static"``, ``rollout_compile=False`` (static cache, no compilation);
-- ``vllm``: ``rollout_backend="vllm"``, where vLLM is installed.
+- ``vllm``: ``rollout_backend="vllm"`` (colocate: the engine in the training process; the weights pushed before
+  each call, as in training, and timed with it), where vLLM is installed: run the script with the python of
+  ``.ci/vllm_trainer_env`` (``VLLM_CPU_KVCACHE_SPACE=1`` on CPU).
 
 Each run is a fresh process. Its first call (compilation included for ``hf_static``) is reported apart as the
 one-time cost; the run's value is the median of the next ``--calls`` calls. Runs of the arms are interleaved so that
@@ -52,6 +54,11 @@ def _trainer(arm: str, args: argparse.Namespace, rows, tokenizer):
         use_cpu=args.device == "cpu", bf16=args.device == "cuda", save_strategy="no", disable_tqdm=True,
     )
     model, teacher = _model(tokenizer, args, args.seed), _model(tokenizer, args, args.seed + 1)
+    if arm == "vllm":  # vLLM loads the student from its folder (name_or_path); weights then come from the trainer
+        folder = os.path.join(common["output_dir"], "student")
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        model.name_or_path = folder
     if arm == "gkd":
         trainer = GKDTrainer(model=model, teacher_model=teacher, args=GKDConfig(**common),
                              train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
@@ -61,6 +68,8 @@ def _trainer(arm: str, args: argparse.Namespace, rows, tokenizer):
                               train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
     trainer.generation_config.min_new_tokens = args.new_tokens  # no EOS before max_new_tokens
     trainer.generation_kwargs["min_new_tokens"] = args.new_tokens
+    if arm == "vllm":
+        trainer.vllm_generation.generation_kwargs["min_tokens"] = args.new_tokens
     return trainer
 
 
@@ -75,6 +84,8 @@ def _rollout(arm: str, trainer, batch) -> int:
                                          ) as unwrapped:
             _, mask, _ = trainer.generate_on_policy_outputs(unwrapped, batch, trainer.generation_config)
         return int(mask[:, batch["prompts"].shape[1]:].sum())
+    if arm == "vllm":
+        trainer.state.global_step += 1  # a new optimizer step: the weights are pushed to vLLM, as in training
     batch = trainer._attach_completions(batch, "student")
     return int(batch["completion_mask"].sum())
 

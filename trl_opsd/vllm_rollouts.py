@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from functools import partial
+from unittest.mock import patch
+
 import torch
 from trl.trainer.utils import pad
 
@@ -18,23 +21,46 @@ def _colocated_on_cpu(mode: str) -> bool:
     return current_platform.is_cpu()
 
 
-def _reloading_vllm_generation_class(base):
-    """``base`` (TRL's ``VLLMGeneration``) with a colocate weight sync that vLLM's CPU backend accepts.
+def _repack_tied_lm_head(worker) -> None:
+    """Re-pack a vLLM worker's LM head that shares its weight with the input embedding.
+
+    The reload updates the shared weight and re-packs the embedding, but the head's oneDNN handle still holds the
+    old embedding, so the logits would come from the previous step's head."""
+    model = worker.model_runner.model
+    head = getattr(model, "lm_head", None)
+    if head is not None and any(module is not head and getattr(module, "weight", None) is head.weight
+                                for module in model.modules()):
+        head.quant_method.process_weights_after_loading(head)
+
+
+def _cpu_vllm_generation_class(base):
+    """``base`` (TRL's ``VLLMGeneration``) for a colocated engine on CPU: a weight sync that vLLM's CPU backend accepts,
+    and the student's dtype.
 
     TRL pushes each parameter through the model's ``load_weights``, which fails on CPU
     (``AttributeError: 'Parameter' object has no attribute 'weight_loader'``): vLLM's CPU linear layers repack their
     weights for oneDNN after loading and leave empty parameters behind. vLLM's in-place reload (the worker's
-    ``reload_weights``) restores the checkpoint layout, loads, and repacks."""
+    ``reload_weights``) restores the checkpoint layout, loads, and repacks (a tied LM head excepted, re-packed after).
 
-    class ReloadingVLLMGeneration(base):
+    The engine also runs in the student's dtype: TRL builds it with vLLM's ``dtype="auto"``, which casts a float32
+    checkpoint to bfloat16, so fp32 CPU training would sample from a bfloat16 copy of the policy."""
+
+    class CPUVLLMGeneration(base):
+        def _init_vllm(self):
+            import trl.generation.vllm_generation as trl_vllm
+
+            with patch.object(trl_vllm, "LLM", partial(trl_vllm.LLM, dtype=self.model.dtype)):
+                super()._init_vllm()
+
         def sync_weights(self):
             # In-process engine (external_launcher): the generator reaches the worker as is, and parameters are
             # gathered one at a time as vLLM loads them.
             self.llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=self._iter_named_params(),
                                                                   is_checkpoint_format=True))
+            self.llm.collective_rpc(_repack_tied_lm_head)
             self.llm.reset_prefix_cache()
 
-    return ReloadingVLLMGeneration
+    return CPUVLLMGeneration
 
 
 def vllm_generation(args, model, accelerator, processing_class):
@@ -42,7 +68,7 @@ def vllm_generation(args, model, accelerator, processing_class):
     (an ``OPSDConfig``)."""
     from trl.generation.vllm_generation import VLLMGeneration
 
-    backend = _reloading_vllm_generation_class(VLLMGeneration) if _colocated_on_cpu(args.vllm_mode) else VLLMGeneration
+    backend = _cpu_vllm_generation_class(VLLMGeneration) if _colocated_on_cpu(args.vllm_mode) else VLLMGeneration
     return backend(
         model=model,
         accelerator=accelerator,
