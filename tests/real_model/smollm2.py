@@ -10,6 +10,7 @@ concurrent processes (pytest workers, a vLLM server fixture) either build it onc
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import importlib.util
 import json
@@ -84,7 +85,10 @@ def _build(source: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE, dtype=torch.float32)
-    config = gguf_model.config
+    config = copy.deepcopy(gguf_model.config)
+    # The weights are de-quantized fp32 now; a kept quantization_config would make Trainer refuse to train them.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
     model = LlamaForCausalLM(config)  # a plain model: save_pretrained refuses the GGUF-loaded one
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config = gguf_model.generation_config

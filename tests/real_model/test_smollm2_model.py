@@ -15,6 +15,7 @@ def test_folder_is_cached_and_loads_as_plain_fp32_llama(smollm2):
     assert (smollm2 / "model.safetensors").is_file() and (smollm2 / "config.json").is_file()
     model = AutoModelForCausalLM.from_pretrained(smollm2)
     assert model.dtype == torch.float32 and model.config.model_type == "llama"
+    assert getattr(model.config, "quantization_config", None) is None  # Trainer refuses to train "GGUF-quantized"
     assert sum(p.numel() for p in model.parameters()) > 100e6
 
 
