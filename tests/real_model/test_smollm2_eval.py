@@ -49,10 +49,12 @@ def test_eval_and_compare_base_and_lora_run(evals, lora_run):
         samples = [json.loads(line) for line in only(folder, "samples_opsd_gsm8k_*.jsonl").read_text().splitlines()]
         assert len(samples) == LIMIT and all(s["resps"][0][0].strip() for s in samples)  # a non-empty answer each
     lora_args = json.loads(only(lora, "results_*.json").read_text())["config"]["model_args"]
-    assert f"peft={lora_run[0]}" in str(lora_args)
+    assert lora_args["peft"] == str(lora_run[0])
 
     report = tmp_path / "report.json"
     done = run_command([console_script("trl-opsd"), "compare", base, lora, "--names", "base,lora",
                         "--json", report, "--markdown", tmp_path / "report.md"], cwd=tmp_path, timeout=600)
-    assert "base" in done.stdout and "lora" in done.stdout
-    assert report.is_file() and (tmp_path / "report.md").is_file()
+    assert "base" in done.stdout and "lora" in done.stdout and (tmp_path / "report.md").is_file()
+    section = json.loads(report.read_text())["sections"][0]
+    assert (section["task"], section["n"]) == ("opsd_gsm8k", LIMIT)  # every document paired across the two runs
+    assert [run["run"] for run in section["runs"]] == ["base", "lora"] and len(section["gaps"]) == 1

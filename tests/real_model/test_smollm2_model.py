@@ -36,3 +36,36 @@ def test_greedy_chat_answer_is_sensible_english(smollm2):
     out = model.generate(**ids, max_new_tokens=20, do_sample=False)
     reply = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in reply, reply
+
+
+def test_concurrent_first_calls_build_once_and_never_see_a_half_written_folder(tmp_path, monkeypatch):
+    """Without the wheel: the build is replaced by a slow fake, and four threads ask for the folder at once."""
+    import threading
+    import time
+
+    from real_model import smollm2 as module
+
+    builds = []
+
+    def slow_build(source, out):
+        builds.append(out)
+        (out / "config.json").write_text("{}")
+        time.sleep(0.5)  # a second caller arrives while the folder is being written
+        (out / module.BUILD_RECORD).write_text("{}")
+
+    monkeypatch.setenv("TRL_OPSD_CACHE", str(tmp_path))
+    monkeypatch.setattr(module, "gguf_dir", lambda: tmp_path / "wheel")
+    monkeypatch.setattr(module, "_build", slow_build)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(module.smollm2_dir())) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    target = tmp_path / module.FOLDER_NAME
+    assert results == [target] * 4 and len(builds) == 1
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", module.BUILD_RECORD]
+    assert not list(tmp_path.glob(f"{module.FOLDER_NAME}.building-*"))  # the staging folder was renamed away
+
+    (target / module.BUILD_RECORD).unlink()  # a folder left by a build that died: rebuilt, not trusted
+    assert module.smollm2_dir() == target and len(builds) == 2 and (target / module.BUILD_RECORD).is_file()
