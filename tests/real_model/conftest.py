@@ -17,15 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 DATA = Path(__file__).resolve().parent / "data"
 GSM8K_MINI = DATA / "gsm8k_mini.jsonl"  # 20 GSM8K-format rows: trained on by the recipe, scored by opsd_gsm8k
 LORA_CONFIG = DATA / "opsd_smollm2_lora_cpu.yaml"
-# TODO(lead): once accelerate_configs/cpu_single.yaml (branch h18b) is merged, use it always and drop this copy.
-CPU_SINGLE = """compute_environment: LOCAL_MACHINE
-distributed_type: 'NO'
-num_machines: 1
-num_processes: 1
-machine_rank: 0
-use_cpu: true
-mixed_precision: 'no'
-"""
+CPU_SINGLE = REPO / "accelerate_configs" / "cpu_single.yaml"  # the shipped one-process CPU config
 
 
 def _required() -> bool:
@@ -51,15 +43,6 @@ def run_command(command: list, cwd: Path, timeout: int) -> subprocess.CompletedP
     return done
 
 
-def cpu_accelerate_config(folder: Path) -> Path:
-    shipped = REPO / "accelerate_configs" / "cpu_single.yaml"
-    if shipped.is_file():
-        return shipped
-    written = folder / "cpu_single.yaml"
-    written.write_text(CPU_SINGLE)
-    return written
-
-
 @pytest.fixture(scope="session")
 def smollm2():
     """The cached fp32 SmolLM2-135M-Instruct folder (built on first use, under a minute)."""
@@ -80,7 +63,7 @@ def lora_run(smollm2, tmp_path_factory):
     work = tmp_path_factory.mktemp("smollm2_lora")
     out = work / "run"
     done = run_command([
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", cpu_accelerate_config(work),
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", CPU_SINGLE,
         REPO / "harness/recipes/opsd.py", "--config", LORA_CONFIG, "--model_name_or_path", smollm2,
         "--dataset_name", GSM8K_MINI, "--output_dir", out,
     ], cwd=work, timeout=1200)

@@ -2,9 +2,6 @@
 
 import json
 
-import pytest
-
-import harness.doctor
 from real_model.conftest import console_script, run_command
 
 
@@ -19,9 +16,6 @@ def test_doctor_student_and_teacher_share_the_tokenizer(smollm2, tmp_path):
     assert not [name for name, check in checks.items() if check["status"] == "fail"]
 
 
-# TODO(lead): drop this skip once branch h18b (doctor --student alone, issue 18 item 3) is merged.
-@pytest.mark.skipif(not hasattr(harness.doctor, "check_self_teacher"),
-                    reason="`trl-opsd doctor --student M` alone still exits 1 here (fixed on branch h18b)")
 def test_doctor_student_alone_checks_the_self_teachers_chat_template_and_pad_token(smollm2, tmp_path):
     checks = doctor(tmp_path, "--student", smollm2)  # run_command asserts exit status 0
     assert checks["chat_template"]["status"] == "ok" and "<|im_start|>assistant" in checks["chat_template"]["detail"]

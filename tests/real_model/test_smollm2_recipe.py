@@ -10,7 +10,7 @@ import pytest
 from safetensors.torch import load_file
 
 from harness.recipes.common import DRY_RUN_MANIFEST_NAME, MANIFEST_NAME
-from real_model.conftest import GSM8K_MINI, LORA_CONFIG, console_script, cpu_accelerate_config, run_command
+from real_model.conftest import CPU_SINGLE, GSM8K_MINI, LORA_CONFIG, console_script, run_command
 
 LOGGED = re.compile(r"\{'loss': [^}]*\}")  # the Trainer's console log line of each logging step
 
@@ -56,7 +56,7 @@ def test_dry_run_plans_the_lora_run_without_loading_weights(smollm2, tmp_path):
     done = run_command([
         console_script("trl-opsd"), "opsd", "--config", LORA_CONFIG, "--model_name_or_path", no_weights,
         "--dataset_name", GSM8K_MINI, "--output_dir", out, "--dry_run",
-        "--accelerate_config", cpu_accelerate_config(tmp_path),
+        "--accelerate_config", CPU_SINGLE,
     ], cwd=tmp_path, timeout=600)
     assert "trl-opsd recipe plan: opsd (dry run: nothing loaded)" in done.stdout
     assert str(no_weights) in done.stdout and "adapters disabled" in done.stdout
