@@ -145,11 +145,17 @@ def check_deepspeed(require: bool) -> Check:
     fix = "pip install 'trl-opsd[deepspeed]' (deepspeed from PyPI; CPU runs use its CPU accelerator and gloo)"
     if importlib.util.find_spec("deepspeed") is None:
         return _problem("deepspeed", require, "not installed", "the deepspeed package is absent", fix)
-    try:
-        import deepspeed
-        from deepspeed.accelerator import get_accelerator
+    import contextlib
+    import sys
 
-        accelerator = get_accelerator()
+    try:
+        # DeepSpeed logs to the stdout it finds at import ("Setting accelerator to CPU"): to stderr, so that
+        # `doctor --json` prints JSON alone
+        with contextlib.redirect_stdout(sys.stderr):
+            import deepspeed
+            from deepspeed.accelerator import get_accelerator
+
+            accelerator = get_accelerator()
         detail = (f"deepspeed {deepspeed.__version__}, accelerator {accelerator.device_name()}, "
                   f"communication backend {accelerator.communication_backend_name()}")
     except Exception as error:
