@@ -39,7 +39,7 @@ def _held_out_set(student, tokenizer, problems):
 
 
 @torch.no_grad()
-def _held_out_divergence(student, teacher, tokenizer, held_out, beta):
+def held_out_divergence(student, teacher, tokenizer, held_out, beta):
     """Mean dense divergence per token (beta 0: KL(T||S), 1: KL(S||T)) on the fixed held-out completions."""
     total, count = 0.0, 0
     for chat, text in held_out:
@@ -54,11 +54,11 @@ def _held_out_divergence(student, teacher, tokenizer, held_out, beta):
     return total / count
 
 
-def test_opd_against_a_served_teacher_lowers_held_out_divergence(tiny_tokenizer, tmp_path):
+def test_opd_against_a_served_teacher_lowersheld_out_divergence(tiny_tokenizer, tmp_path):
     divergence, beta = "topk", 0.0  # top-20 forward KL with a tail bucket, the API-teacher default
     student, teacher = build_tiny_model(tiny_tokenizer, seed=1), _peaked_teacher(tiny_tokenizer)
     held_out = _held_out_set(student, tiny_tokenizer, generate_problems(16, "validation"))
-    before = _held_out_divergence(student, teacher, tiny_tokenizer, held_out, beta)
+    before = held_out_divergence(student, teacher, tiny_tokenizer, held_out, beta)
     with LoopbackServer(TinyLM.wrap(teacher, tiny_tokenizer)) as server:
         remote = OpenAICompatTeacher(f"{server.url}/v1", "tiny-teacher", student_tokenizer=tiny_tokenizer,
                                      server="vllm", cache=tmp_path / "cache.sqlite")
@@ -67,7 +67,7 @@ def test_opd_against_a_served_teacher_lowers_held_out_divergence(tiny_tokenizer,
                               processing_class=tiny_tokenizer)
         trainer.train()
         assert server.requests_to("/v1/completions") > 0
-    after = _held_out_divergence(trainer.model, teacher, tiny_tokenizer, held_out, beta)
+    after = held_out_divergence(trainer.model, teacher, tiny_tokenizer, held_out, beta)
     assert after < 0.8 * before, f"held-out {divergence} divergence (beta={beta}) {before:.3f} -> {after:.3f}"
     logged = [row for row in trainer.state.log_history if "kl_mean" in row]
     assert logged and "teacher_requests" in logged[-1]

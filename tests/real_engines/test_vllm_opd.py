@@ -7,35 +7,17 @@ from the initial student), but the teacher's top-20 log-probs come from vLLM its
 from __future__ import annotations
 
 import pytest
-import torch
 from datasets import Dataset
 from real_reference import load_model
+from test_opd_remote import held_out_divergence  # the same yardstick: at beta 0, KL(teacher || student)
 
 from harness.generation import generate_texts
 from harness.world.arithmetic import generate_problems, problems_to_rows
 from harness.world.tiny import build_tiny_model
 from trl_opsd import OPSDConfig, OPSDTrainer
-from trl_opsd.forward import completion_logits
-from trl_opsd.losses import per_token_divergence
 from trl_opsd.teachers import OpenAICompatTeacher
 
 pytestmark = pytest.mark.slow  # starts a vLLM server and trains for a minute
-
-
-@torch.no_grad()
-def held_out_kl(student, teacher, tokenizer, held_out) -> float:
-    """Mean KL(teacher || student) per token on fixed held-out completions (dense, in process)."""
-    total, count = 0.0, 0
-    for chat, text in held_out:
-        prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        completion_ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        ids = torch.tensor([prompt_ids + completion_ids])
-        mask = torch.ones_like(ids)
-        d = per_token_divergence(completion_logits(student, ids, mask, len(completion_ids)),
-                                 completion_logits(teacher, ids, mask, len(completion_ids)), beta=0.0)
-        total, count = total + d.sum().item(), count + d.numel()
-    return total / count
 
 
 def test_opd_with_the_real_server_as_teacher_lowers_held_out_kl(vllm_world, tmp_path):
@@ -43,7 +25,7 @@ def test_opd_with_the_real_server_as_teacher_lowers_held_out_kl(vllm_world, tmp_
     student = build_tiny_model(tokenizer, seed=1)
     chats = [p.to_row()["messages"] for p in generate_problems(16, "validation")]
     held_out = list(zip(chats, generate_texts(student, tokenizer, chats, max_new_tokens=12, temperature=1.0, seed=0)))
-    before = held_out_kl(student, teacher_model, tokenizer, held_out)
+    before = held_out_divergence(student, teacher_model, tokenizer, held_out, beta=0.0)
 
     remote = OpenAICompatTeacher(vllm_world.base_url, vllm_world.model, student_tokenizer=tokenizer, server="vllm",
                                  cache=tmp_path / "teacher.sqlite", timeout_s=120.0)
@@ -58,7 +40,7 @@ def test_opd_with_the_real_server_as_teacher_lowers_held_out_kl(vllm_world, tmp_
     trainer.train()
     metrics = remote.metrics()
     assert metrics["requests"] >= 12 * 8 and metrics["failures"] == 0  # every rollout was scored by vLLM
-    after = held_out_kl(trainer.model, teacher_model, tokenizer, held_out)
+    after = held_out_divergence(trainer.model, teacher_model, tokenizer, held_out, beta=0.0)
     assert after < 0.8 * before, f"held-out KL(teacher || student) {before:.3f} -> {after:.3f}"
     logged = [row for row in trainer.state.log_history if "kl_mean" in row]
     assert logged and logged[-1]["teacher_requests"] > 0
