@@ -1,5 +1,6 @@
 """`trl-opsd doctor`: CPU machines pass by default, required capabilities fail with a cause and a fix."""
 
+import copy
 import json
 import sys
 
@@ -113,7 +114,7 @@ def test_student_alone_is_a_self_teacher_run_that_passes_and_checks_the_template
 
 
 def test_self_teacher_problems_are_named(tmp_path, tiny_tokenizer):
-    tokenizer = tiny_tokenizer
+    tokenizer = copy.deepcopy(tiny_tokenizer)  # the session's tokenizer must keep its pad token and template
     tokenizer.pad_token = tokenizer.eos_token
     tokenizer.save_pretrained(tmp_path / "pad_is_eos")
     pad = by_name(doctor.check_self_teacher(str(tmp_path / "pad_is_eos")))["pad_token"]
